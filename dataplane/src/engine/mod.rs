@@ -1,1 +1,177 @@
-//! engine
+//! The migration engine: what the source and the destination do with guest pages, from the
+//! first round of pre-copy to the switch-over.
+//!
+//! The control plane connects the sockets (one control channel, N data streams), creates
+//! the incoming VM, and then hands everything to [`source::migrate_out`] on one side and
+//! [`destination::migrate_in`] on the other. Both run to completion or fail; on any failure
+//! before the commit point the source resumes the VM itself, so a caller cannot forget to.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::GuestError;
+use crate::memory::TrackerError;
+use crate::transport::TransportError;
+use crate::wire::WireError;
+
+pub mod convergence;
+pub mod destination;
+pub mod protocol;
+pub mod source;
+
+/// How a migration is run. Defaults are what `ferry migrate` uses without flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationParams {
+    /// Parallel data streams (1..=64).
+    pub streams: usize,
+    /// Pause the guest may see at switch-over.
+    pub downtime_ms: u64,
+    /// Pre-copy rounds before switching over regardless (bounded downtime is then exceeded
+    /// and the report says so).
+    pub rounds_max: u32,
+    /// Pre-copy time before switching over regardless.
+    pub precopy_timeout_ms: u64,
+    /// Caps the data rate (like QEMU's max-bandwidth); `None` = as fast as the link goes.
+    pub bandwidth_max_bytes_per_s: Option<u64>,
+    /// Bound on the switch-over: quiesce to resume.
+    pub switchover_timeout_ms: u64,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            streams: 4,
+            downtime_ms: 50,
+            rounds_max: 30,
+            precopy_timeout_ms: 120_000,
+            bandwidth_max_bytes_per_s: None,
+            switchover_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl MigrationParams {
+    /// Checks the parameters before anything is connected.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |reason: String| Err(EngineError::BadParams { reason });
+        if !(1..=64).contains(&self.streams) {
+            return bad(format!("streams must be 1..=64, not {}", self.streams));
+        }
+        if self.rounds_max == 0 {
+            return bad("rounds_max must be at least 1".into());
+        }
+        if self.bandwidth_max_bytes_per_s == Some(0) {
+            return bad("bandwidth cap must be above 0".into());
+        }
+        if self.switchover_timeout_ms == 0 {
+            return bad("switch-over timeout must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Prepare,
+    MemoryPreCopy,
+    SwitchOver,
+    Done,
+    FailedBack,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Prepare => "prepare",
+            Phase::MemoryPreCopy => "pre-copy",
+            Phase::SwitchOver => "switch-over",
+            Phase::Done => "done",
+            Phase::FailedBack => "failed-back",
+        })
+    }
+}
+
+/// A snapshot of a running migration, emitted a few times per second and at each round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: Option<Phase>,
+    /// Current pre-copy round (0 = the full pass).
+    pub round: u32,
+    /// Bytes put on the wire so far (page payload plus frame headers).
+    pub bytes_sent: u64,
+    /// Pages the current round must send, and how many it has sent.
+    pub round_pages_total: u64,
+    pub round_pages_sent: u64,
+    /// Data rate over the last interval.
+    pub rate_bytes_per_s: u64,
+    /// Dirty pages found by the last collection.
+    pub dirty_pages: u64,
+    /// Predicted pause if the switch-over started now.
+    pub predicted_downtime_ms: f64,
+    /// vCPU throttle applied to make pre-copy converge (0 = none).
+    pub throttle_percent: u8,
+    /// Time since the migration started.
+    pub elapsed_ms: u64,
+    /// Estimated time to the end of the current round.
+    pub eta_ms: Option<u64>,
+}
+
+/// The outcome of a migration, as `ferry migrate --json` prints it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// From the start of the migrate command until the VM runs on the destination.
+    pub total_ms: f64,
+    /// From quiesce on the source to resume on the destination (as acknowledged to the source).
+    pub downtime_ms: f64,
+    /// Bytes on the wire (payload and frame headers).
+    pub bytes_sent: u64,
+    /// Pages sent with payload, and pages sent as zero markers.
+    pub pages_sent: u64,
+    pub zero_pages_sent: u64,
+    /// Pre-copy rounds, counting round 0, not counting the final stop-and-copy.
+    pub rounds: u32,
+    /// bytes_sent over the time spent sending.
+    pub throughput_bytes_per_s: f64,
+    pub transport: String,
+    pub streams: usize,
+    /// Dirty tracker used on the source.
+    pub tracker: String,
+    /// Time the destination spent pre-faulting its memory while preparing.
+    pub prefault_ms: f64,
+    /// Highest vCPU throttle applied.
+    pub throttle_percent_max: u8,
+    /// Why pre-copy stopped: "converged", "rounds-max", "timeout".
+    pub converged: String,
+    /// Pages in the final stop-and-copy.
+    pub final_pages: u64,
+    /// Digest both sides agreed on.
+    pub memory_digest: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("bad migration parameters: {reason}")]
+    BadParams { reason: String },
+    #[error("the peer speaks a different protocol: {reason}")]
+    Protocol { reason: String },
+    #[error("wire error on the {channel} channel")]
+    Wire { channel: &'static str, source: WireError },
+    #[error("transport error")]
+    Transport(#[from] TransportError),
+    #[error("dirty tracking failed")]
+    Tracker(#[from] TrackerError),
+    #[error("guest error")]
+    Guest(#[from] GuestError),
+    #[error("memory digests differ after the last pages (source {source_digest:#018x}, destination {destination_digest:#018x}): the copy is not in lock-step")]
+    DigestMismatch { source_digest: u64, destination_digest: u64 },
+    #[error("the peer aborted the migration: {reason}")]
+    PeerAborted { reason: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("switch-over did not finish within {timeout_ms} ms")]
+    SwitchoverTimeout { timeout_ms: u64 },
+    #[error("the VM was handed over (commit point passed) but the destination did not confirm resuming it: {reason}")]
+    LostAfterCommit { reason: String },
+    #[error("memory sizes differ: source {source_pages} pages, destination {destination_pages}")]
+    SizeMismatch { source_pages: u64, destination_pages: u64 },
+}

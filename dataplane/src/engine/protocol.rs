@@ -1,0 +1,1 @@
+//! Control-channel messages between source and destination engines.
