@@ -1,1 +1,255 @@
-//! Convergence policy.
+//! When to stop pre-copy: a pure function of what the last round measured, so tests can
+//! drive it with any numbers and any clock.
+//!
+//! - Switch over when the pages still dirty would be sent within the downtime target at the
+//!   bandwidth the last round measured.
+//! - If the dirty set does not shrink (the guest dirties faster than the link drains), throttle
+//!   the vCPUs in steps, like QEMU's auto-converge, so pre-copy converges instead of looping.
+//! - Give up waiting after `rounds_max` rounds or `precopy_timeout_ms` and switch over anyway
+//!   (the report then says the downtime target was not met and why).
+
+use serde::{Deserialize, Serialize};
+
+use super::MigrationParams;
+
+/// Fixed switch-over cost beyond the pages: device state, the commit round trips, resume.
+pub const SWITCHOVER_OVERHEAD_MS: f64 = 1.0;
+/// Throttle steps (percent of vCPU time taken away).
+pub const THROTTLE_STEPS: [u8; 6] = [20, 40, 60, 80, 90, 99];
+
+/// What one pre-copy round measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundMeasurement {
+    /// Round just sent (0 = full pass).
+    pub round: u32,
+    /// Bytes that would have to be sent if the switch-over started now.
+    pub dirty_bytes: u64,
+    /// Measured bandwidth of the round just sent.
+    pub bandwidth_bytes_per_s: f64,
+    /// Time the round took.
+    pub round_ms: f64,
+    /// Time since pre-copy started.
+    pub precopy_ms: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    Converged,
+    RoundsMax,
+    Timeout,
+}
+
+impl StopReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::Converged => "converged",
+            StopReason::RoundsMax => "rounds-max",
+            StopReason::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send another round with the vCPUs throttled by `throttle_percent`.
+    Continue {
+        throttle_percent: u8,
+    },
+    SwitchOver {
+        reason: StopReason,
+    },
+}
+
+/// Predicted pause for sending `dirty_bytes` at `bandwidth_bytes_per_s`.
+pub fn predicted_downtime_ms(dirty_bytes: u64, bandwidth_bytes_per_s: f64) -> f64 {
+    if dirty_bytes == 0 {
+        return SWITCHOVER_OVERHEAD_MS;
+    }
+    if bandwidth_bytes_per_s <= 0.0 {
+        return f64::INFINITY;
+    }
+    dirty_bytes as f64 / bandwidth_bytes_per_s * 1000.0 + SWITCHOVER_OVERHEAD_MS
+}
+
+/// The decision state carried from round to round.
+#[derive(Clone, Debug, Default)]
+pub struct Convergence {
+    throttle_step: Option<usize>,
+    previous_dirty_bytes: Option<u64>,
+    stalled_rounds: u32,
+}
+
+impl Convergence {
+    pub fn throttle_percent(&self) -> u8 {
+        self.throttle_step.map_or(0, |s| THROTTLE_STEPS[s])
+    }
+
+    /// Decides what follows the round described by `m`.
+    pub fn decide(&mut self, params: &MigrationParams, m: &RoundMeasurement) -> Decision {
+        if predicted_downtime_ms(m.dirty_bytes, m.bandwidth_bytes_per_s)
+            <= params.downtime_ms as f64
+        {
+            return Decision::SwitchOver {
+                reason: StopReason::Converged,
+            };
+        }
+        if m.round + 1 >= params.rounds_max {
+            return Decision::SwitchOver {
+                reason: StopReason::RoundsMax,
+            };
+        }
+        if m.precopy_ms >= params.precopy_timeout_ms as f64 {
+            return Decision::SwitchOver {
+                reason: StopReason::Timeout,
+            };
+        }
+        // Not converging: the dirty set failed to shrink by a quarter since the previous
+        // round, or the guest dirties more than half the link's bandwidth.
+        let dirty_rate = if m.round_ms > 0.0 {
+            m.dirty_bytes as f64 / (m.round_ms / 1000.0)
+        } else {
+            0.0
+        };
+        let shrinking = self
+            .previous_dirty_bytes
+            .is_none_or(|prev| (m.dirty_bytes as f64) < prev as f64 * 0.75);
+        let outrunning = m.round > 0 && dirty_rate > 0.5 * m.bandwidth_bytes_per_s;
+        if m.round > 0 && (!shrinking || outrunning) {
+            self.stalled_rounds += 1;
+        } else {
+            self.stalled_rounds = 0;
+        }
+        if self.stalled_rounds >= 1 {
+            let next = self
+                .throttle_step
+                .map_or(0, |s| (s + 1).min(THROTTLE_STEPS.len() - 1));
+            self.throttle_step = Some(next);
+            self.stalled_rounds = 0;
+        }
+        self.previous_dirty_bytes = Some(m.dirty_bytes);
+        Decision::Continue {
+            throttle_percent: self.throttle_percent(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> MigrationParams {
+        MigrationParams {
+            downtime_ms: 50,
+            rounds_max: 10,
+            precopy_timeout_ms: 60_000,
+            ..Default::default()
+        }
+    }
+
+    fn m(
+        round: u32,
+        dirty_mib: u64,
+        bw_mib: f64,
+        round_ms: f64,
+        precopy_ms: f64,
+    ) -> RoundMeasurement {
+        RoundMeasurement {
+            round,
+            dirty_bytes: dirty_mib << 20,
+            bandwidth_bytes_per_s: bw_mib * (1 << 20) as f64,
+            round_ms,
+            precopy_ms,
+        }
+    }
+
+    #[test]
+    fn converges_when_the_rest_fits_the_downtime() {
+        let mut c = Convergence::default();
+        // 100 MiB at 1000 MiB/s = 100 ms > 50 ms: continue.
+        assert_eq!(
+            c.decide(&params(), &m(0, 100, 1000.0, 1000.0, 1000.0)),
+            Decision::Continue {
+                throttle_percent: 0
+            }
+        );
+        // 40 MiB at 1000 MiB/s = 40 ms + overhead ≤ 50: switch over.
+        assert_eq!(
+            c.decide(&params(), &m(1, 40, 1000.0, 100.0, 1100.0)),
+            Decision::SwitchOver {
+                reason: StopReason::Converged
+            }
+        );
+        assert_eq!(
+            c.decide(&params(), &m(5, 0, 0.0, 0.0, 0.0)),
+            Decision::SwitchOver {
+                reason: StopReason::Converged
+            }
+        );
+    }
+
+    #[test]
+    fn throttles_in_steps_when_the_dirty_set_does_not_shrink() {
+        let mut c = Convergence::default();
+        let p = params();
+        assert_eq!(
+            c.decide(&p, &m(0, 500, 1000.0, 1000.0, 1000.0)),
+            Decision::Continue {
+                throttle_percent: 0
+            }
+        );
+        // Same dirty set after round 1: throttle 20 %, then 40 %, …, capped at 99 %.
+        let mut seen = Vec::new();
+        for round in 1..9 {
+            if let Decision::Continue { throttle_percent } =
+                c.decide(&p, &m(round, 500, 1000.0, 500.0, 1000.0 + round as f64))
+            {
+                seen.push(throttle_percent);
+            }
+        }
+        assert_eq!(seen, vec![20, 40, 60, 80, 90, 99, 99, 99]);
+    }
+
+    #[test]
+    fn shrinking_dirty_sets_are_not_throttled() {
+        let mut c = Convergence::default();
+        let p = params();
+        let mut dirty = 800;
+        for round in 0..6 {
+            assert_eq!(
+                c.decide(&p, &m(round, dirty, 1000.0, 1000.0, 1.0)),
+                Decision::Continue {
+                    throttle_percent: 0
+                }
+            );
+            dirty /= 2;
+        }
+    }
+
+    #[test]
+    fn bounds_end_precopy() {
+        let mut c = Convergence::default();
+        assert_eq!(
+            c.decide(&params(), &m(9, 500, 1000.0, 10.0, 10.0)),
+            Decision::SwitchOver {
+                reason: StopReason::RoundsMax
+            }
+        );
+        let mut c = Convergence::default();
+        assert_eq!(
+            c.decide(&params(), &m(2, 500, 1000.0, 10.0, 60_000.0)),
+            Decision::SwitchOver {
+                reason: StopReason::Timeout
+            }
+        );
+    }
+
+    #[test]
+    fn prediction() {
+        assert_eq!(predicted_downtime_ms(0, 0.0), SWITCHOVER_OVERHEAD_MS);
+        assert!(predicted_downtime_ms(1, 0.0).is_infinite());
+        assert!(
+            (predicted_downtime_ms(1 << 20, (1 << 30) as f64) - (1000.0 / 1024.0 + 1.0)).abs()
+                < 1e-9
+        );
+    }
+}

@@ -1,10 +1,26 @@
-//! Destination side of a migration.
-use std::net::TcpStream;
-use std::sync::atomic::AtomicBool;
+//! Destination side of a migration: land pages, then prove lock-step, load the device
+//! state, and resume only when the source has committed.
 
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, unbounded};
+use tracing::{info, warn};
+
+use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::EngineError;
 use crate::guest::Guest;
-use crate::transport::DestinationTransport;
+use crate::memory::MemoryDigest;
+use crate::transport::{DestinationTransport, ReceiveEvent};
+
+/// How long the destination waits for anything from the source before giving up. Pre-copy
+/// rounds report nothing on the control channel, so this bounds silence on the data streams
+/// too (each round ends with a marker on every stream).
+const SOURCE_SILENCE_MAX: Duration = Duration::from_secs(120);
+/// After `Prepared`, how long the destination waits for the source's decision.
+const COMMIT_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Everything the destination needs; the control plane fills it in after accepting.
 pub struct DestinationContext<'a> {
@@ -27,6 +43,162 @@ pub struct IncomingReport {
 /// source committed and the guest has been resumed here. `Err`: the guest was not resumed
 /// and must be discarded (the source keeps or resumes the VM).
 pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineError> {
-    let _ = ctx;
-    unimplemented!()
+    let DestinationContext {
+        guest,
+        control,
+        mut transport,
+        cancel,
+    } = ctx;
+    let mut control = ControlChannel::<ToDestination>::new(control)?;
+    let result = receive(guest, &mut control, transport.as_mut(), cancel);
+    transport.shutdown();
+    if let Err(error) = &result {
+        warn!(%error, "incoming migration failed; the VM stays with the source");
+        if !matches!(error, EngineError::PeerAborted { .. }) {
+            let _ = control.send(&ToSource::Abort {
+                reason: error.to_string(),
+            });
+        }
+    }
+    result
+}
+
+fn receive(
+    guest: &dyn Guest,
+    control: &mut ControlChannel<ToDestination>,
+    transport: &mut dyn DestinationTransport,
+    cancel: &AtomicBool,
+) -> Result<IncomingReport, EngineError> {
+    let memory = Arc::clone(guest.memory());
+    let pages = memory.pages() as u64;
+    let is_cancelled = || cancel.load(Ordering::Relaxed);
+    match control.recv(
+        Instant::now() + SOURCE_SILENCE_MAX,
+        &is_cancelled,
+        "the source's hello",
+    )? {
+        ToDestination::Hello {
+            protocol,
+            pages: theirs,
+            streams,
+            transport: kind,
+        } => {
+            if protocol != PROTOCOL_VERSION {
+                return Err(EngineError::Protocol {
+                    reason: format!("source speaks migration protocol {protocol}, this agent {PROTOCOL_VERSION}"),
+                });
+            }
+            if theirs != pages {
+                control.send(&ToSource::HelloAck { pages })?;
+                return Err(EngineError::SizeMismatch {
+                    source_pages: theirs,
+                    destination_pages: pages,
+                });
+            }
+            if streams as usize != transport.streams() || kind != transport.name() {
+                return Err(EngineError::Protocol {
+                    reason: format!(
+                        "source uses {streams} {kind} streams, destination has {} {}",
+                        transport.streams(),
+                        transport.name()
+                    ),
+                });
+            }
+        }
+        ToDestination::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
+        other => {
+            return Err(EngineError::Protocol {
+                reason: format!("expected Hello, got {other:?}"),
+            })
+        }
+    }
+    let digest = Arc::new(MemoryDigest::new_zeroed(pages as usize));
+    let (events_tx, events) = unbounded();
+    transport.start(Arc::clone(&memory), Arc::clone(&digest), events_tx)?;
+    control.send(&ToSource::HelloAck { pages })?;
+
+    let streams = transport.streams();
+    // Next round each stream will end, and pages landed.
+    let mut stream_round = vec![0u32; streams];
+    let mut pages_received = 0u64;
+    let mut switchover: Option<(u32, Vec<u8>, u64)> = None;
+    let mut last_heard = Instant::now();
+    loop {
+        if is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        if let Some((final_round, _, _)) = &switchover {
+            if stream_round.iter().all(|&r| r > *final_round) {
+                break;
+            }
+        }
+        if last_heard.elapsed() > SOURCE_SILENCE_MAX {
+            return Err(EngineError::Protocol {
+                reason: "the source went silent".into(),
+            });
+        }
+        select! {
+            recv(events) -> event => match event {
+                Ok(ReceiveEvent::RoundEnd { stream, round, pages }) => {
+                    last_heard = Instant::now();
+                    stream_round[stream] = round + 1;
+                    pages_received += pages;
+                }
+                Ok(ReceiveEvent::Failed { stream, error }) => {
+                    warn!(stream, %error, "data stream failed");
+                    return Err(error.into());
+                }
+                Err(_) => return Err(EngineError::Protocol { reason: "all receivers stopped".into() }),
+            },
+            recv(control.inbox()) -> msg => match msg {
+                Ok(Ok(ToDestination::SwitchOver { final_round, device_state, digest })) => {
+                    last_heard = Instant::now();
+                    switchover = Some((final_round, device_state, digest));
+                }
+                Ok(Ok(ToDestination::Abort { reason })) => return Err(EngineError::PeerAborted { reason }),
+                Ok(Ok(other)) => return Err(EngineError::Protocol { reason: format!("unexpected {other:?} before the switch-over") }),
+                Ok(Err(source)) => return Err(EngineError::Wire { channel: "control", source }),
+                Err(_) => return Err(EngineError::Protocol { reason: "control channel closed".into() }),
+            },
+            default(Duration::from_millis(50)) => {}
+        }
+    }
+    let (final_round, device_state, source_digest) =
+        switchover.expect("loop ends only after the switch-over");
+    // Lock-step proof: the digest both sides kept while pages were sent and landed.
+    let ours = digest.value();
+    if ours != source_digest {
+        return Err(EngineError::DigestMismatch {
+            source_digest,
+            destination_digest: ours,
+        });
+    }
+    guest.load_state(&device_state)?;
+    control.send(&ToSource::Prepared { digest: ours })?;
+    let never = || false;
+    match control.recv(
+        Instant::now() + COMMIT_WAIT_MAX,
+        &never,
+        "the source's commit",
+    )? {
+        ToDestination::Commit => {}
+        ToDestination::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
+        other => {
+            return Err(EngineError::Protocol {
+                reason: format!("expected Commit, got {other:?}"),
+            })
+        }
+    }
+    guest.resume()?;
+    control.send(&ToSource::Resumed)?;
+    info!(
+        pages_received,
+        rounds = final_round + 1,
+        "VM resumed on the destination"
+    );
+    Ok(IncomingReport {
+        pages_received,
+        rounds: final_round + 1,
+        memory_digest: ours,
+    })
 }

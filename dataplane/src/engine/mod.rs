@@ -15,6 +15,7 @@ use crate::wire::WireError;
 
 pub mod convergence;
 pub mod destination;
+pub mod pacer;
 pub mod protocol;
 pub mod source;
 
@@ -155,7 +156,10 @@ pub enum EngineError {
     #[error("the peer speaks a different protocol: {reason}")]
     Protocol { reason: String },
     #[error("wire error on the {channel} channel")]
-    Wire { channel: &'static str, source: WireError },
+    Wire {
+        channel: &'static str,
+        source: WireError,
+    },
     #[error("transport error")]
     Transport(#[from] TransportError),
     #[error("dirty tracking failed")]
@@ -163,7 +167,10 @@ pub enum EngineError {
     #[error("guest error")]
     Guest(#[from] GuestError),
     #[error("memory digests differ after the last pages (source {source_digest:#018x}, destination {destination_digest:#018x}): the copy is not in lock-step")]
-    DigestMismatch { source_digest: u64, destination_digest: u64 },
+    DigestMismatch {
+        source_digest: u64,
+        destination_digest: u64,
+    },
     #[error("the peer aborted the migration: {reason}")]
     PeerAborted { reason: String },
     #[error("cancelled")]
@@ -173,5 +180,8 @@ pub enum EngineError {
     #[error("the VM was handed over (commit point passed) but the destination did not confirm resuming it: {reason}")]
     LostAfterCommit { reason: String },
     #[error("memory sizes differ: source {source_pages} pages, destination {destination_pages}")]
-    SizeMismatch { source_pages: u64, destination_pages: u64 },
+    SizeMismatch {
+        source_pages: u64,
+        destination_pages: u64,
+    },
 }

@@ -1,13 +1,38 @@
-//! Source side of a migration.
-use std::net::TcpStream;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Instant;
+//! Source side of a migration: pre-copy rounds, then quiesce, last pages, device state and
+//! the commit.
+//!
+//! Order inside a round matters: the dirty set is collected (and re-armed) *before* the
+//! round's pages are sent, so a write that lands during the send is caught by the next
+//! collection. If a round cannot be sent, its pages are put back into the tracker: a
+//! collected dirty set is never lost.
 
-use super::{EngineError, MigrationParams, MigrationReport, Progress};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::convergence::{predicted_downtime_ms, Convergence, Decision, RoundMeasurement};
+use super::pacer::Pacer;
+use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
+use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::guest::Guest;
-use crate::memory::DirtyTracker;
-use crate::transport::SourceTransport;
+use crate::memory::region::is_zero;
+use crate::memory::{
+    DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH,
+};
+use crate::transport::{SourceTransport, TransportError, BLOCK_PAGES};
+use crate::wire::{Frame, FRAME_HEADER_LEN};
+
+/// How often progress is reported while a round is sent.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+/// Frames gathered before one transport call.
+const FRAMES_PER_BATCH: usize = 128;
+/// Payload gathered before one transport call.
+const BATCH_BYTES: u64 = 1 << 20;
+/// Wait for the destination's answer to `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the source needs; the control plane fills it in after connecting.
 pub struct SourceContext<'a> {
@@ -21,7 +46,7 @@ pub struct SourceContext<'a> {
     pub started: Instant,
     /// What the destination reported for pre-faulting while preparing.
     pub prefault_ms: f64,
-    /// Set to cancel; the migration fails back at the next check (at least every 100 ms).
+    /// Set to cancel; the migration fails back at the next check (at least every 200 ms).
     pub cancel: &'a AtomicBool,
 }
 
@@ -32,7 +57,574 @@ pub struct SourceContext<'a> {
 /// destination did not confirm; the source must still never run the VM again. Any other
 /// `Err`: the migration failed before the commit point and the source guest has already
 /// been resumed (fail-back).
-pub fn migrate_out(ctx: SourceContext<'_>, progress: &mut dyn FnMut(&Progress)) -> Result<MigrationReport, EngineError> {
-    let _ = (ctx, progress);
-    unimplemented!()
+pub fn migrate_out(
+    ctx: SourceContext<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, EngineError> {
+    ctx.params.validate()?;
+    let guest = ctx.guest;
+    let transport = Arc::clone(&ctx.transport);
+    let mut control = ControlChannel::<ToSource>::new(ctx.control)?;
+    let mut run = SourceRun {
+        memory: Arc::clone(guest.memory()),
+        digest: MemoryDigest::new_zeroed(guest.memory().pages()),
+        transport: Arc::clone(&transport),
+        params: ctx.params,
+        started: ctx.started,
+        cancel: ctx.cancel,
+        report: MigrationReport {
+            transport: transport.name().to_string(),
+            streams: transport.streams(),
+            tracker: ctx.tracker.name().to_string(),
+            prefault_ms: ctx.prefault_ms,
+            ..Default::default()
+        },
+        progress: Progress::default(),
+        send_ms_total: 0.0,
+    };
+    let result = run.run(guest, ctx.tracker, &mut control, progress);
+    match result {
+        Ok(()) => {
+            run.progress.phase = Some(Phase::Done);
+            run.emit(progress);
+            Ok(run.report)
+        }
+        Err(error @ EngineError::LostAfterCommit { .. }) => {
+            transport.shutdown();
+            Err(error)
+        }
+        Err(error) => {
+            // Fail back: the VM resumes here with its own memory; nothing was handed over.
+            warn!(%error, "migration failed before the commit point; resuming the VM on the source");
+            let _ = control.send(&ToDestination::Abort {
+                reason: error.to_string(),
+            });
+            transport.shutdown();
+            guest.set_throttle(0);
+            if let Err(resume_error) = guest.resume() {
+                warn!(%resume_error, "resuming the source VM after fail-back failed");
+            }
+            run.progress.phase = Some(Phase::FailedBack);
+            run.emit(progress);
+            Err(error)
+        }
+    }
+}
+
+struct SourceRun<'a> {
+    memory: Arc<GuestMemory>,
+    digest: MemoryDigest,
+    transport: Arc<dyn SourceTransport>,
+    params: &'a MigrationParams,
+    started: Instant,
+    cancel: &'a AtomicBool,
+    report: MigrationReport,
+    progress: Progress,
+    send_ms_total: f64,
+}
+
+/// What sending one round produced.
+struct RoundSent {
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl SourceRun<'_> {
+    fn emit(&mut self, progress: &mut dyn FnMut(&Progress)) {
+        self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+        self.progress.bytes_sent = self.report.bytes_sent;
+        progress(&self.progress);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn run(
+        &mut self,
+        guest: &dyn Guest,
+        tracker: &mut dyn DirtyTracker,
+        control: &mut ControlChannel<ToSource>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), EngineError> {
+        let pages = self.memory.pages() as u64;
+        self.progress.phase = Some(Phase::Prepare);
+        self.emit(progress);
+        control.send(&ToDestination::Hello {
+            protocol: PROTOCOL_VERSION,
+            pages,
+            streams: self.transport.streams() as u32,
+            transport: self.transport.name().to_string(),
+        })?;
+        let cancel = || self.cancelled();
+        match control.recv(
+            Instant::now() + HELLO_TIMEOUT,
+            &cancel,
+            "the destination's hello",
+        )? {
+            ToSource::HelloAck { pages: theirs } if theirs == pages => {}
+            ToSource::HelloAck { pages: theirs } => {
+                return Err(EngineError::SizeMismatch {
+                    source_pages: pages,
+                    destination_pages: theirs,
+                })
+            }
+            ToSource::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
+            other => {
+                return Err(EngineError::Protocol {
+                    reason: format!("expected HelloAck, got {other:?}"),
+                })
+            }
+        }
+
+        // Trace phase: from here on every guest write is recorded.
+        tracker.start()?;
+        let precopy_started = Instant::now();
+        let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
+        let mut convergence = Convergence::default();
+        let mut round = 0u32;
+        let mut to_send = DirtyBitmap::full(pages as usize);
+        self.progress.phase = Some(Phase::MemoryPreCopy);
+        let stop_reason = loop {
+            self.progress.round = round;
+            let sent =
+                self.send_round_or_put_back(tracker, &to_send, round, &pacer, None, progress)?;
+            self.report.rounds = round + 1;
+            // Collect (and re-arm) before deciding: these pages are what the next round, or
+            // the switch-over, must send.
+            to_send = tracker.collect()?;
+            let dirty_bytes = to_send.count() as u64 * PAGE_SIZE as u64;
+            let measurement = RoundMeasurement {
+                round,
+                dirty_bytes,
+                bandwidth_bytes_per_s: sent.bytes as f64 / sent.elapsed.as_secs_f64().max(1e-6),
+                round_ms: sent.elapsed.as_secs_f64() * 1000.0,
+                precopy_ms: precopy_started.elapsed().as_secs_f64() * 1000.0,
+            };
+            self.progress.dirty_pages = to_send.count() as u64;
+            self.progress.predicted_downtime_ms =
+                predicted_downtime_ms(dirty_bytes, measurement.bandwidth_bytes_per_s);
+            let decision = convergence.decide(self.params, &measurement);
+            info!(
+                round,
+                dirty_pages = to_send.count(),
+                bandwidth = measurement.bandwidth_bytes_per_s as u64,
+                predicted_downtime_ms = self.progress.predicted_downtime_ms,
+                ?decision,
+                "pre-copy round done"
+            );
+            match decision {
+                Decision::SwitchOver { reason } => break reason,
+                Decision::Continue { throttle_percent } => {
+                    if throttle_percent != self.progress.throttle_percent {
+                        info!(
+                            throttle_percent,
+                            "dirty rate outruns the link: throttling the vCPUs"
+                        );
+                        guest.set_throttle(throttle_percent);
+                        self.progress.throttle_percent = throttle_percent;
+                        self.report.throttle_percent_max =
+                            self.report.throttle_percent_max.max(throttle_percent);
+                    }
+                }
+            }
+            self.emit(progress);
+            round += 1;
+        };
+        self.report.converged = stop_reason.as_str().to_string();
+
+        // Switch-over: from quiesce on, the clock of the pause runs.
+        self.progress.phase = Some(Phase::SwitchOver);
+        self.emit(progress);
+        let quiesced_at = Instant::now();
+        let deadline = quiesced_at + Duration::from_millis(self.params.switchover_timeout_ms);
+        guest.quiesce()?;
+        let mut last = tracker.collect()?;
+        last.merge(&to_send);
+        let final_round = round + 1;
+        self.report.final_pages = last.count() as u64;
+        self.progress.round = final_round;
+        self.send_round_or_put_back(
+            tracker,
+            &last,
+            final_round,
+            &Pacer::new(None),
+            Some(deadline),
+            progress,
+        )?;
+        let device_state = guest.save_state()?;
+        let digest = self.digest.value();
+        control.send(&ToDestination::SwitchOver {
+            final_round,
+            device_state,
+            digest,
+        })?;
+        let cancel = || self.cancelled();
+        let timeout = || EngineError::SwitchoverTimeout {
+            timeout_ms: self.params.switchover_timeout_ms,
+        };
+        match control.recv(deadline, &cancel, "the destination's prepared answer") {
+            Ok(ToSource::Prepared { digest: theirs }) if theirs == digest => {}
+            Ok(ToSource::Prepared { digest: theirs }) => {
+                return Err(EngineError::DigestMismatch {
+                    source_digest: digest,
+                    destination_digest: theirs,
+                })
+            }
+            Ok(ToSource::Abort { reason }) => return Err(EngineError::PeerAborted { reason }),
+            Ok(other) => {
+                return Err(EngineError::Protocol {
+                    reason: format!("expected Prepared, got {other:?}"),
+                })
+            }
+            Err(EngineError::Protocol { .. }) if Instant::now() >= deadline => {
+                return Err(timeout())
+            }
+            Err(e) => return Err(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(timeout());
+        }
+        // Commit point. A Commit that could not even be written never reached the
+        // destination, so the source may still resume; once written, it never will.
+        control.send(&ToDestination::Commit)?;
+        self.report.memory_digest = digest;
+        let never = || false;
+        let ack_deadline =
+            Instant::now() + Duration::from_millis(self.params.switchover_timeout_ms);
+        match control.recv(ack_deadline, &never, "the destination's resume") {
+            Ok(ToSource::Resumed) => {}
+            Ok(other) => {
+                return Err(EngineError::LostAfterCommit {
+                    reason: format!("expected Resumed, got {other:?}"),
+                })
+            }
+            Err(e) => {
+                return Err(EngineError::LostAfterCommit {
+                    reason: e.to_string(),
+                })
+            }
+        }
+        self.report.downtime_ms = quiesced_at.elapsed().as_secs_f64() * 1000.0;
+        self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.report.throughput_bytes_per_s =
+            self.report.bytes_sent as f64 / (self.send_ms_total / 1000.0).max(1e-6);
+        self.transport.shutdown();
+        info!(
+            downtime_ms = self.report.downtime_ms,
+            total_ms = self.report.total_ms,
+            "VM handed over"
+        );
+        Ok(())
+    }
+
+    /// Sends one round; if it fails, the round's pages go back to the tracker.
+    fn send_round_or_put_back(
+        &mut self,
+        tracker: &mut dyn DirtyTracker,
+        pages: &DirtyBitmap,
+        round: u32,
+        pacer: &Pacer,
+        deadline: Option<Instant>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RoundSent, EngineError> {
+        match self.send_round(pages, round, pacer, deadline, progress) {
+            Ok(sent) => Ok(sent),
+            Err(error) => {
+                tracker.put_back(pages);
+                Err(error)
+            }
+        }
+    }
+
+    /// Sends every page of `pages` over all streams in parallel, then a round-end marker on
+    /// each stream. Reports progress while it runs; stops on cancel or `deadline`.
+    fn send_round(
+        &mut self,
+        pages: &DirtyBitmap,
+        round: u32,
+        pacer: &Pacer,
+        deadline: Option<Instant>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RoundSent, EngineError> {
+        let total = pages.count() as u64;
+        self.progress.round_pages_total = total;
+        self.progress.round_pages_sent = 0;
+        let counters = RoundCounters::default();
+        let abort = AtomicBool::new(false);
+        let started = Instant::now();
+        let bytes_before = self.report.bytes_sent;
+        let streams = self.transport.streams();
+        let cancel = self.cancel;
+        let SourceRun {
+            memory,
+            digest,
+            transport,
+            report,
+            progress: snapshot,
+            started: migration_started,
+            ..
+        } = self;
+        let (memory, digest, transport) = (&**memory, &*digest, transport.as_ref());
+        let results: Vec<Result<StreamSent, EngineError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..streams)
+                .map(|stream| {
+                    let sender = StreamSender {
+                        stream,
+                        streams,
+                        round,
+                        memory,
+                        digest,
+                        transport,
+                        pacer,
+                        counters: &counters,
+                        abort: &abort,
+                    };
+                    std::thread::Builder::new()
+                        .name(format!("ferry-tx-{stream}"))
+                        .spawn_scoped(scope, move || sender.send(pages))
+                        .expect("spawning a sender thread")
+                })
+                .collect();
+            let mut last_emit = Instant::now();
+            let mut last_bytes = 0u64;
+            while !handles.iter().all(|h| h.is_finished()) {
+                std::thread::sleep(Duration::from_millis(10));
+                let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+                if (cancel.load(Ordering::Relaxed) || timed_out)
+                    && !abort.swap(true, Ordering::Relaxed)
+                {
+                    // Unblock senders stuck in a send to a dead or slow peer.
+                    transport.shutdown();
+                }
+                if last_emit.elapsed() >= PROGRESS_INTERVAL {
+                    let bytes = counters.bytes.load(Ordering::Relaxed);
+                    let sent_pages = counters.pages.load(Ordering::Relaxed);
+                    let rate = (bytes - last_bytes) as f64 / last_emit.elapsed().as_secs_f64();
+                    snapshot.rate_bytes_per_s = rate as u64;
+                    snapshot.round_pages_sent = sent_pages;
+                    snapshot.eta_ms = (rate > 0.0).then(|| {
+                        ((total - sent_pages.min(total)) as f64 * PAGE_SIZE as f64 / rate * 1000.0)
+                            as u64
+                    });
+                    report.bytes_sent = bytes_before + bytes;
+                    snapshot.bytes_sent = report.bytes_sent;
+                    snapshot.elapsed_ms = migration_started.elapsed().as_millis() as u64;
+                    progress(snapshot);
+                    last_emit = Instant::now();
+                    last_bytes = bytes;
+                }
+            }
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("sender thread panicked"))
+                .collect()
+        });
+        let elapsed = started.elapsed();
+        let mut bytes = 0;
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(sent) => {
+                    bytes += sent.bytes;
+                    self.report.pages_sent += sent.pages;
+                    self.report.zero_pages_sent += sent.zero_pages;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if self.cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(EngineError::SwitchoverTimeout {
+                timeout_ms: self.params.switchover_timeout_ms,
+            });
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.report.bytes_sent = bytes_before + bytes;
+        self.send_ms_total += elapsed.as_secs_f64() * 1000.0;
+        self.progress.round_pages_sent = total;
+        self.progress.rate_bytes_per_s = (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
+        self.emit(progress);
+        Ok(RoundSent { bytes, elapsed })
+    }
+}
+
+#[derive(Default)]
+struct RoundCounters {
+    bytes: AtomicU64,
+    pages: AtomicU64,
+}
+
+struct StreamSent {
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+/// One stream's share of a round: the blocks `b` with `b % streams == stream`.
+struct StreamSender<'a> {
+    stream: usize,
+    streams: usize,
+    round: u32,
+    memory: &'a GuestMemory,
+    digest: &'a MemoryDigest,
+    transport: &'a dyn SourceTransport,
+    pacer: &'a Pacer,
+    counters: &'a RoundCounters,
+    abort: &'a AtomicBool,
+}
+
+impl StreamSender<'_> {
+    fn send(&self, pages: &DirtyBitmap) -> Result<StreamSent, EngineError> {
+        let mut out = StreamSent {
+            bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+        };
+        let mut frames: Vec<Frame> = Vec::with_capacity(FRAMES_PER_BATCH + 2);
+        let mut payload = 0u64;
+        let total_pages = self.memory.pages();
+        let blocks = total_pages.div_ceil(BLOCK_PAGES);
+        for block in (self.stream..blocks).step_by(self.streams) {
+            let start = block * BLOCK_PAGES;
+            let end = (start + BLOCK_PAGES).min(total_pages);
+            for (first, count) in pages.runs_in(start, end, BLOCK_PAGES) {
+                let mut delta = 0u64;
+                for page in first..first + count {
+                    // Hash as sent (see memory::digest for why a racing write is harmless).
+                    let bytes = self.memory.page(page);
+                    let zero = is_zero(bytes);
+                    let hash = if zero {
+                        ZERO_PAGE_HASH
+                    } else {
+                        xxhash_rust::xxh3::xxh3_64(bytes)
+                    };
+                    delta = delta.wrapping_add(self.digest.record(page, hash));
+                    push_page(&mut frames, self.round, page as u64, zero);
+                    if zero {
+                        out.zero_pages += 1;
+                    } else {
+                        out.pages += 1;
+                        payload += PAGE_SIZE as u64;
+                    }
+                }
+                self.digest.apply(delta);
+                if frames.len() >= FRAMES_PER_BATCH || payload >= BATCH_BYTES {
+                    out.bytes += self.flush(&mut frames, &mut payload)?;
+                }
+            }
+        }
+        frames.push(Frame::RoundEnd {
+            round: self.round,
+            pages: out.pages + out.zero_pages,
+        });
+        out.bytes += self.flush(&mut frames, &mut payload)?;
+        Ok(out)
+    }
+
+    fn flush(&self, frames: &mut Vec<Frame>, payload: &mut u64) -> Result<u64, EngineError> {
+        let pages: u64 = frames
+            .iter()
+            .map(|f| match *f {
+                Frame::Pages { count, .. } | Frame::ZeroPages { count, .. } => count as u64,
+                Frame::RoundEnd { .. } => 0,
+            })
+            .sum();
+        let wire_bytes = *payload + (frames.len() * FRAME_HEADER_LEN) as u64;
+        let stop = || self.abort.load(Ordering::Relaxed);
+        if !self.pacer.acquire(wire_bytes, &stop) || stop() {
+            return Err(TransportError::Shutdown.into());
+        }
+        let sent = self.transport.send(self.stream, self.memory, frames)?;
+        self.counters.bytes.fetch_add(sent, Ordering::Relaxed);
+        self.counters.pages.fetch_add(pages, Ordering::Relaxed);
+        frames.clear();
+        *payload = 0;
+        Ok(sent)
+    }
+}
+
+/// Appends `page` to the last frame when it continues it (same kind, next page, same
+/// block), else starts a new frame.
+fn push_page(frames: &mut Vec<Frame>, round: u32, page: u64, zero: bool) {
+    let same_block = |first: u64| first as usize / BLOCK_PAGES == page as usize / BLOCK_PAGES;
+    match frames.last_mut() {
+        Some(Frame::Pages { first, count, .. })
+            if !zero && *first + *count as u64 == page && same_block(*first) =>
+        {
+            *count += 1
+        }
+        Some(Frame::ZeroPages { first, count, .. })
+            if zero && *first + *count as u64 == page && same_block(*first) =>
+        {
+            *count += 1
+        }
+        _ if zero => frames.push(Frame::ZeroPages {
+            round,
+            first: page,
+            count: 1,
+        }),
+        _ => frames.push(Frame::Pages {
+            round,
+            first: page,
+            count: 1,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_follow_runs_and_block_boundaries() {
+        let mut frames = Vec::new();
+        for (page, zero) in [
+            (0, false),
+            (1, false),
+            (2, true),
+            (3, true),
+            (5, false),
+            (255, false),
+            (256, false),
+        ] {
+            push_page(&mut frames, 7, page, zero);
+        }
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Pages {
+                    round: 7,
+                    first: 0,
+                    count: 2
+                },
+                Frame::ZeroPages {
+                    round: 7,
+                    first: 2,
+                    count: 2
+                },
+                Frame::Pages {
+                    round: 7,
+                    first: 5,
+                    count: 1
+                },
+                Frame::Pages {
+                    round: 7,
+                    first: 255,
+                    count: 1
+                },
+                Frame::Pages {
+                    round: 7,
+                    first: 256,
+                    count: 1
+                },
+            ]
+        );
+    }
 }

@@ -17,6 +17,16 @@ pub enum GuestError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("guest spec is invalid: {reason}")]
     BadSpec { reason: String },
+    #[error("{operation} timed out after {waited_ms} ms: {detail}")]
+    Timeout {
+        operation: &'static str,
+        waited_ms: u64,
+        detail: String,
+    },
+    #[error("the guest has been shut down; {operation} needs a live guest")]
+    Stopped { operation: &'static str },
+    #[error("starting the thread of vCPU {vcpu} failed")]
+    Spawn { vcpu: u32, source: std::io::Error },
 }
 
 /// What the migration engine needs from a VM. Every lifecycle method is required: a guest

@@ -55,7 +55,7 @@ impl DirtyBitmap {
         let end = end.min(self.pages);
         let mut page = start;
         while page < end {
-            if page % 64 == 0 && end - page >= 64 {
+            if page.is_multiple_of(64) && end - page >= 64 {
                 self.words[page / 64] = u64::MAX;
                 page += 64;
             } else {

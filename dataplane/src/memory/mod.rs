@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod digest;
 pub mod region;
 pub mod tracker;
+pub mod uffd;
 
 pub use bitmap::DirtyBitmap;
 pub use digest::{page_hash, MemoryDigest, ZERO_PAGE_HASH};

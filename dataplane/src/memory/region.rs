@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub const PAGE_SIZE: usize = 4096;
 
 /// The smallest and largest guest the reference VM accepts.
-pub const MEMORY_BYTES_MIN: u64 = 1 << 20;
+pub const MEMORY_BYTES_MIN: u64 = PAGE_SIZE as u64;
 pub const MEMORY_BYTES_MAX: u64 = 64 << 30;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,8 @@ impl std::fmt::Debug for GuestMemory {
 impl GuestMemory {
     /// Creates `bytes` of zeroed guest memory backed by a new memfd.
     pub fn new(name: &str, bytes: u64) -> Result<Self, MemoryError> {
-        if bytes % PAGE_SIZE as u64 != 0 || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&bytes)
+        if !bytes.is_multiple_of(PAGE_SIZE as u64)
+            || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&bytes)
         {
             return Err(MemoryError::BadSize { bytes });
         }

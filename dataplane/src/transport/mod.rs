@@ -10,16 +10,49 @@ pub mod tcp;
 use std::sync::Arc;
 
 use crate::memory::{GuestMemory, MemoryDigest};
-use crate::wire::WireError;
+use crate::wire::{Frame, WireError};
+
+/// Pages per block: the unit of the page-to-stream mapping (1 MiB).
+pub const BLOCK_PAGES: usize = 256;
+
+/// The stream that carries `page`. Fixed for a migration, so that a page sent in two rounds
+/// travels on one ordered stream and the older copy can never land after the newer one,
+/// and so that each destination page is written by exactly one receiver.
+pub fn stream_for_page(page: usize, streams: usize) -> usize {
+    (page / BLOCK_PAGES) % streams
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("stream {stream}: i/o error while {op}")]
-    Io { stream: usize, op: &'static str, source: std::io::Error },
+    Io {
+        stream: usize,
+        op: &'static str,
+        source: std::io::Error,
+    },
     #[error("stream {stream}: bad frame")]
     Wire { stream: usize, source: WireError },
     #[error("stream {stream}: frame for round {round} arrived after round {expected} ended")]
-    Sequence { stream: usize, round: u32, expected: u32 },
+    Sequence {
+        stream: usize,
+        round: u32,
+        expected: u32,
+    },
+    #[error(
+        "stream {stream}: pages {first}..{first}+{count} belong to another stream or cross a block"
+    )]
+    WrongStream {
+        stream: usize,
+        first: u64,
+        count: u64,
+    },
+    #[error("stream {stream}: round {round} ended with {claimed} pages, but {landed} landed")]
+    CountMismatch {
+        stream: usize,
+        round: u32,
+        claimed: u64,
+        landed: u64,
+    },
     #[error("stream {stream} index out of range (transport has {streams})")]
     NoSuchStream { stream: usize, streams: usize },
     #[error("transport was shut down")]
@@ -30,9 +63,16 @@ pub enum TransportError {
 #[derive(Debug)]
 pub enum ReceiveEvent {
     /// Stream `stream` finished `round`, having landed `pages` pages in it.
-    RoundEnd { stream: usize, round: u32, pages: u64 },
+    RoundEnd {
+        stream: usize,
+        round: u32,
+        pages: u64,
+    },
     /// Stream `stream` failed; the migration cannot complete.
-    Failed { stream: usize, error: TransportError },
+    Failed {
+        stream: usize,
+        error: TransportError,
+    },
 }
 
 /// The sending half. Each stream is driven by one thread at a time.
@@ -40,13 +80,15 @@ pub trait SourceTransport: Send + Sync {
     /// "tcp", "rdma".
     fn name(&self) -> &'static str;
     fn streams(&self) -> usize;
-    /// Sends pages `first..first + count` of `memory` (all non-zero) on `stream`. Returns the
-    /// bytes put on the wire.
-    fn send_pages(&self, stream: usize, memory: &GuestMemory, first: usize, count: usize, round: u32) -> Result<u64, TransportError>;
-    /// Announces that pages `first..first + count` are all zero.
-    fn send_zero_pages(&self, stream: usize, first: usize, count: usize, round: u32) -> Result<u64, TransportError>;
-    /// Marks the end of `round` on `stream` (`pages` = pages this stream sent in the round).
-    fn end_round(&self, stream: usize, round: u32, pages: u64) -> Result<u64, TransportError>;
+    /// Sends `frames` in order on `stream`; a [`Frame::Pages`] carries its pages from
+    /// `memory`. Every page a frame names must belong to `stream` ([`stream_for_page`]) and a
+    /// frame must not cross a block. Returns the bytes put on the wire.
+    fn send(
+        &self,
+        stream: usize,
+        memory: &GuestMemory,
+        frames: &[Frame],
+    ) -> Result<u64, TransportError>;
     /// Closes every stream (wakes any blocked sender with an error).
     fn shutdown(&self);
 }

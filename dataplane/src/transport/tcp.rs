@@ -1,21 +1,406 @@
-//! TCP transport.
-use std::net::TcpStream;
+//! TCP transport: N connections, pages sent straight from guest memory with vectored
+//! writes, and received straight into destination guest memory.
+//!
+//! Sender: frames are gathered into one `writev` per batch (header and page bytes as
+//! separate iovecs), so a scattered round of single pages costs one syscall per batch, not
+//! per page. io_uring `SEND_ZC` is not used here on purpose: on loopback the kernel always
+//! copies, and measured 15–55 % slower than plain send on this machine.
+//!
+//! Receiver: a frame's payload and the next frame's header are read with one `readv`,
+//! payload first, directly into guest memory: no intermediate buffer, about one syscall
+//! per frame.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+
+use super::{
+    stream_for_page, DestinationTransport, ReceiveEvent, SourceTransport, TransportError,
+    BLOCK_PAGES,
+};
+use crate::memory::{page_hash, GuestMemory, MemoryDigest, ZERO_PAGE_HASH};
+use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
+
+/// iovecs per `writev` (below IOV_MAX = 1024).
+const IOVECS_PER_WRITE: usize = 512;
+
+fn tune(stream: &TcpStream, index: usize) -> Result<(), TransportError> {
+    stream
+        .set_nodelay(true)
+        .map_err(|source| TransportError::Io {
+            stream: index,
+            op: "setting TCP_NODELAY",
+            source,
+        })
+}
 
 /// Source half over N TCP streams.
 pub struct TcpSource {
-    _streams: Vec<TcpStream>,
+    streams: Vec<Mutex<TcpStream>>,
+    closers: Vec<TcpStream>,
 }
+
 impl TcpSource {
-    pub fn new(streams: Vec<TcpStream>) -> Result<Self, super::TransportError> {
-        Ok(Self { _streams: streams })
+    /// Takes connected streams; stream `i` must be the destination's stream `i`.
+    pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
+        let mut closers = Vec::with_capacity(streams.len());
+        for (i, s) in streams.iter().enumerate() {
+            tune(s, i)?;
+            closers.push(s.try_clone().map_err(|source| TransportError::Io {
+                stream: i,
+                op: "cloning a socket",
+                source,
+            })?);
+        }
+        Ok(Self {
+            streams: streams.into_iter().map(Mutex::new).collect(),
+            closers,
+        })
     }
 }
+
+impl SourceTransport for TcpSource {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn send(
+        &self,
+        stream: usize,
+        memory: &GuestMemory,
+        frames: &[Frame],
+    ) -> Result<u64, TransportError> {
+        let socket = self
+            .streams
+            .get(stream)
+            .ok_or(TransportError::NoSuchStream {
+                stream,
+                streams: self.streams.len(),
+            })?;
+        let mut socket = socket.lock().map_err(|_| TransportError::Shutdown)?;
+        let headers: Vec<[u8; FRAME_HEADER_LEN]> = frames.iter().map(Frame::encode).collect();
+        let mut total = 0u64;
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOVECS_PER_WRITE);
+        for (frame, header) in frames.iter().zip(&headers) {
+            if let Frame::Pages { first, count, .. } | Frame::ZeroPages { first, count, .. } =
+                *frame
+            {
+                check_owner(stream, self.streams.len(), first, count)?;
+            }
+            if iov.len() + 2 > IOVECS_PER_WRITE {
+                total += write_all_vectored(&mut socket, &mut iov, stream)?;
+            }
+            iov.push(IoSlice::new(header));
+            if let Frame::Pages { first, count, .. } = *frame {
+                iov.push(IoSlice::new(
+                    memory.pages_slice(first as usize, count as usize),
+                ));
+            }
+        }
+        total += write_all_vectored(&mut socket, &mut iov, stream)?;
+        Ok(total)
+    }
+
+    fn shutdown(&self) {
+        for s in &self.closers {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn check_owner(
+    stream: usize,
+    streams: usize,
+    first: u64,
+    count: u32,
+) -> Result<(), TransportError> {
+    let last = first + count as u64 - 1;
+    let same_block = first as usize / BLOCK_PAGES == last as usize / BLOCK_PAGES;
+    if count == 0 || !same_block || stream_for_page(first as usize, streams) != stream {
+        return Err(TransportError::WrongStream {
+            stream,
+            first,
+            count: count as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Writes every slice in `iov` (and empties it), returning the bytes written.
+fn write_all_vectored(
+    socket: &mut TcpStream,
+    iov: &mut Vec<IoSlice<'_>>,
+    stream: usize,
+) -> Result<u64, TransportError> {
+    let total: usize = iov.iter().map(|s| s.len()).sum();
+    let mut slices = &mut iov[..];
+    while !slices.is_empty() {
+        match socket.write_vectored(slices) {
+            Ok(0) => {
+                return Err(TransportError::Io {
+                    stream,
+                    op: "sending pages",
+                    source: std::io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(TransportError::Io {
+                    stream,
+                    op: "sending pages",
+                    source,
+                })
+            }
+        }
+    }
+    iov.clear();
+    Ok(total as u64)
+}
+
 /// Destination half over N TCP streams.
 pub struct TcpDestination {
-    _streams: Vec<TcpStream>,
+    streams: Vec<Option<TcpStream>>,
+    closers: Vec<TcpStream>,
+    receivers: Vec<JoinHandle<()>>,
 }
+
 impl TcpDestination {
-    pub fn new(streams: Vec<TcpStream>) -> Result<Self, super::TransportError> {
-        Ok(Self { _streams: streams })
+    /// Takes accepted streams; stream `i` must be the source's stream `i`.
+    pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
+        let mut closers = Vec::with_capacity(streams.len());
+        for (i, s) in streams.iter().enumerate() {
+            tune(s, i)?;
+            closers.push(s.try_clone().map_err(|source| TransportError::Io {
+                stream: i,
+                op: "cloning a socket",
+                source,
+            })?);
+        }
+        Ok(Self {
+            streams: streams.into_iter().map(Some).collect(),
+            closers,
+            receivers: Vec::new(),
+        })
+    }
+}
+
+impl DestinationTransport for TcpDestination {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn start(
+        &mut self,
+        memory: Arc<GuestMemory>,
+        digest: Arc<MemoryDigest>,
+        events: Sender<ReceiveEvent>,
+    ) -> Result<(), TransportError> {
+        let streams = self.streams.len();
+        for (index, slot) in self.streams.iter_mut().enumerate() {
+            let Some(socket) = slot.take() else {
+                return Err(TransportError::Shutdown);
+            };
+            let receiver = StreamReceiver {
+                index,
+                streams,
+                memory: Arc::clone(&memory),
+                digest: Arc::clone(&digest),
+                limits: FrameLimits::for_pages(memory.pages() as u64),
+            };
+            let events = events.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ferry-rx-{index}"))
+                .spawn(move || {
+                    if let Err(error) = receiver.run(socket, &events) {
+                        let _ = events.send(ReceiveEvent::Failed {
+                            stream: index,
+                            error,
+                        });
+                    }
+                })
+                .map_err(|source| TransportError::Io {
+                    stream: index,
+                    op: "spawning a receiver",
+                    source,
+                })?;
+            self.receivers.push(handle);
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        for s in &self.closers {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for h in self.receivers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for TcpDestination {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One receiving stream: lands frames in guest memory and keeps the digest.
+struct StreamReceiver {
+    index: usize,
+    streams: usize,
+    memory: Arc<GuestMemory>,
+    digest: Arc<MemoryDigest>,
+    limits: FrameLimits,
+}
+
+impl StreamReceiver {
+    fn run(
+        &self,
+        mut socket: TcpStream,
+        events: &Sender<ReceiveEvent>,
+    ) -> Result<(), TransportError> {
+        let stream = self.index;
+        let wire = |source: WireError| TransportError::Wire { stream, source };
+        let io = |source: std::io::Error| TransportError::Io {
+            stream,
+            op: "receiving pages",
+            source,
+        };
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        let mut header_have = 0usize;
+        let mut round = 0u32;
+        let mut landed_in_round = 0u64;
+        loop {
+            while header_have < FRAME_HEADER_LEN {
+                match socket.read(&mut header[header_have..]) {
+                    // A clean close between frames is how the source ends the migration.
+                    Ok(0) if header_have == 0 => return Ok(()),
+                    Ok(0) => {
+                        return Err(wire(WireError::Truncated {
+                            what: "frame header",
+                            got: header_have,
+                            want: FRAME_HEADER_LEN,
+                        }))
+                    }
+                    Ok(n) => header_have += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            let frame = Frame::decode(&header, &self.limits).map_err(wire)?;
+            header_have = 0;
+            match frame {
+                Frame::Pages {
+                    round: r,
+                    first,
+                    count,
+                }
+                | Frame::ZeroPages {
+                    round: r,
+                    first,
+                    count,
+                } => {
+                    if r != round {
+                        return Err(TransportError::Sequence {
+                            stream,
+                            round: r,
+                            expected: round,
+                        });
+                    }
+                    check_owner(stream, self.streams, first, count)?;
+                }
+                Frame::RoundEnd { .. } => {}
+            }
+            match frame {
+                Frame::Pages { first, count, .. } => {
+                    let (first, count) = (first as usize, count as usize);
+                    // SAFETY: check_owner proved these pages belong to this stream's blocks, and
+                    // each stream has exactly one receiver thread, so no other reference to
+                    // these pages exists while the slice lives; no vCPU runs on the destination
+                    // before the switch-over.
+                    let dst = unsafe { self.memory.pages_slice_mut(first, count) };
+                    let want = dst.len();
+                    let mut got = 0usize;
+                    while got < want {
+                        let mut bufs = [
+                            IoSliceMut::new(&mut dst[got..]),
+                            IoSliceMut::new(&mut header[header_have..]),
+                        ];
+                        match socket.read_vectored(&mut bufs) {
+                            Ok(0) => {
+                                return Err(wire(WireError::Truncated {
+                                    what: "page payload",
+                                    got,
+                                    want,
+                                }))
+                            }
+                            Ok(n) => {
+                                let into_payload = n.min(want - got);
+                                got += into_payload;
+                                header_have += n - into_payload;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(io(e)),
+                        }
+                    }
+                    // Hash each page as it lands (the lock-step proof).
+                    let delta = (first..first + count).fold(0u64, |acc, p| {
+                        acc.wrapping_add(self.digest.record(p, page_hash(self.memory.page(p))))
+                    });
+                    self.digest.apply(delta);
+                    landed_in_round += count as u64;
+                }
+                Frame::ZeroPages { first, count, .. } => {
+                    let (first, count) = (first as usize, count as usize);
+                    let delta = (first..first + count).fold(0u64, |acc, p| {
+                        self.memory.zero_page(p);
+                        acc.wrapping_add(self.digest.record(p, ZERO_PAGE_HASH))
+                    });
+                    self.digest.apply(delta);
+                    landed_in_round += count as u64;
+                }
+                Frame::RoundEnd { round: r, pages } => {
+                    if r != round {
+                        return Err(TransportError::Sequence {
+                            stream,
+                            round: r,
+                            expected: round,
+                        });
+                    }
+                    if pages != landed_in_round {
+                        return Err(TransportError::CountMismatch {
+                            stream,
+                            round: r,
+                            claimed: pages,
+                            landed: landed_in_round,
+                        });
+                    }
+                    if events
+                        .send(ReceiveEvent::RoundEnd {
+                            stream,
+                            round: r,
+                            pages,
+                        })
+                        .is_err()
+                    {
+                        return Ok(()); // the engine is gone; nothing left to report to
+                    }
+                    round += 1;
+                    landed_in_round = 0;
+                }
+            }
+        }
     }
 }

@@ -65,7 +65,10 @@ pub struct FrameLimits {
 
 impl FrameLimits {
     pub fn for_pages(pages: u64) -> Self {
-        Self { pages, pages_per_frame_max: FRAME_PAGES_MAX }
+        Self {
+            pages,
+            pages_per_frame_max: FRAME_PAGES_MAX,
+        }
     }
 }
 
@@ -81,8 +84,16 @@ impl Frame {
     /// The header that announces this frame.
     pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
         let (kind, round, count, first) = match *self {
-            Frame::Pages { round, first, count } => (KIND_PAGES, round, count, first),
-            Frame::ZeroPages { round, first, count } => (KIND_ZERO_PAGES, round, count, first),
+            Frame::Pages {
+                round,
+                first,
+                count,
+            } => (KIND_PAGES, round, count, first),
+            Frame::ZeroPages {
+                round,
+                first,
+                count,
+            } => (KIND_ZERO_PAGES, round, count, first),
             Frame::RoundEnd { round, pages } => (KIND_ROUND_END, round, 0, pages),
         };
         let mut header = FrameHeader {
@@ -111,14 +122,23 @@ impl Frame {
             want: FRAME_HEADER_LEN,
         })?;
         if header.magic.get() != FRAME_MAGIC {
-            return Err(WireError::BadMagic { expected: FRAME_MAGIC, found: header.magic.get() });
+            return Err(WireError::BadMagic {
+                expected: FRAME_MAGIC,
+                found: header.magic.get(),
+            });
         }
         if header.version.get() != WIRE_VERSION {
-            return Err(WireError::BadVersion { found: header.version.get(), supported: WIRE_VERSION });
+            return Err(WireError::BadVersion {
+                found: header.version.get(),
+                supported: WIRE_VERSION,
+            });
         }
         let computed = header_checksum(bytes);
         if computed != header.checksum.get() {
-            return Err(WireError::BadHeaderChecksum { computed, claimed: header.checksum.get() });
+            return Err(WireError::BadHeaderChecksum {
+                computed,
+                claimed: header.checksum.get(),
+            });
         }
         let round = header.round.get();
         let count = header.count.get();
@@ -131,31 +151,61 @@ impl Frame {
                     limit: limits.pages_per_frame_max as u64 * PAGE_SIZE as u64,
                 });
             }
-            if first.checked_add(count as u64).is_none_or(|end| end > limits.pages) {
-                return Err(WireError::OutOfRange { first, count: count as u64, pages: limits.pages });
+            if first
+                .checked_add(count as u64)
+                .is_none_or(|end| end > limits.pages)
+            {
+                return Err(WireError::OutOfRange {
+                    first,
+                    count: count as u64,
+                    pages: limits.pages,
+                });
             }
             if payload_len != expected_payload {
-                return Err(WireError::BadLength { kind, len: payload_len, expected: expected_payload });
+                return Err(WireError::BadLength {
+                    kind,
+                    len: payload_len,
+                    expected: expected_payload,
+                });
             }
             Ok(())
         };
         match header.kind.get() {
             KIND_PAGES => {
                 check_pages("pages", count as u64 * PAGE_SIZE as u64)?;
-                Ok(Frame::Pages { round, first, count })
+                Ok(Frame::Pages {
+                    round,
+                    first,
+                    count,
+                })
             }
             KIND_ZERO_PAGES => {
                 check_pages("zero-pages", 0)?;
-                Ok(Frame::ZeroPages { round, first, count })
+                Ok(Frame::ZeroPages {
+                    round,
+                    first,
+                    count,
+                })
             }
             KIND_ROUND_END => {
                 if payload_len != 0 || count != 0 {
-                    return Err(WireError::BadLength { kind: "round-end", len: payload_len, expected: 0 });
+                    return Err(WireError::BadLength {
+                        kind: "round-end",
+                        len: payload_len,
+                        expected: 0,
+                    });
                 }
                 if first > limits.pages {
-                    return Err(WireError::OutOfRange { first: 0, count: first, pages: limits.pages });
+                    return Err(WireError::OutOfRange {
+                        first: 0,
+                        count: first,
+                        pages: limits.pages,
+                    });
                 }
-                Ok(Frame::RoundEnd { round, pages: first })
+                Ok(Frame::RoundEnd {
+                    round,
+                    pages: first,
+                })
             }
             kind => Err(WireError::UnknownKind { kind }),
         }
@@ -170,7 +220,10 @@ fn header_checksum(header: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    const LIMITS: FrameLimits = FrameLimits { pages: 1000, pages_per_frame_max: FRAME_PAGES_MAX };
+    const LIMITS: FrameLimits = FrameLimits {
+        pages: 1000,
+        pages_per_frame_max: FRAME_PAGES_MAX,
+    };
 
     fn reseal(mut bytes: [u8; FRAME_HEADER_LEN]) -> [u8; FRAME_HEADER_LEN] {
         let sum = header_checksum(&bytes);
@@ -181,27 +234,63 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         for frame in [
-            Frame::Pages { round: 3, first: 10, count: 256 },
-            Frame::Pages { round: 0, first: 999, count: 1 },
-            Frame::ZeroPages { round: 7, first: 0, count: 5 },
-            Frame::RoundEnd { round: 9, pages: 1000 },
+            Frame::Pages {
+                round: 3,
+                first: 10,
+                count: 256,
+            },
+            Frame::Pages {
+                round: 0,
+                first: 999,
+                count: 1,
+            },
+            Frame::ZeroPages {
+                round: 7,
+                first: 0,
+                count: 5,
+            },
+            Frame::RoundEnd {
+                round: 9,
+                pages: 1000,
+            },
         ] {
             assert_eq!(Frame::decode(&frame.encode(), &LIMITS).unwrap(), frame);
         }
-        assert_eq!(Frame::Pages { round: 0, first: 0, count: 2 }.payload_len(), 2 * PAGE_SIZE);
+        assert_eq!(
+            Frame::Pages {
+                round: 0,
+                first: 0,
+                count: 2
+            }
+            .payload_len(),
+            2 * PAGE_SIZE
+        );
     }
 
     #[test]
     fn truncated_header() {
-        let bytes = Frame::ZeroPages { round: 0, first: 0, count: 1 }.encode();
+        let bytes = Frame::ZeroPages {
+            round: 0,
+            first: 0,
+            count: 1,
+        }
+        .encode();
         for cut in 0..FRAME_HEADER_LEN {
-            assert!(matches!(Frame::decode(&bytes[..cut], &LIMITS), Err(WireError::Truncated { .. })));
+            assert!(matches!(
+                Frame::decode(&bytes[..cut], &LIMITS),
+                Err(WireError::Truncated { .. })
+            ));
         }
     }
 
     #[test]
     fn corrupt_header_is_caught_by_magic_version_or_checksum() {
-        let good = Frame::Pages { round: 1, first: 2, count: 3 }.encode();
+        let good = Frame::Pages {
+            round: 1,
+            first: 2,
+            count: 3,
+        }
+        .encode();
         for byte in 0..FRAME_HEADER_LEN {
             for bit in 0..8 {
                 let mut bad = good;
@@ -210,7 +299,9 @@ mod tests {
                 assert!(
                     matches!(
                         err,
-                        WireError::BadMagic { .. } | WireError::BadVersion { .. } | WireError::BadHeaderChecksum { .. }
+                        WireError::BadMagic { .. }
+                            | WireError::BadVersion { .. }
+                            | WireError::BadHeaderChecksum { .. }
                     ),
                     "byte {byte} bit {bit}: {err}"
                 );
@@ -223,36 +314,97 @@ mod tests {
         let mut bytes = Frame::RoundEnd { round: 0, pages: 0 }.encode();
         bytes[4] = 2;
         match Frame::decode(&reseal(bytes), &LIMITS) {
-            Err(WireError::BadVersion { found: 2, supported: WIRE_VERSION }) => {}
+            Err(WireError::BadVersion {
+                found: 2,
+                supported: WIRE_VERSION,
+            }) => {}
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn out_of_range_and_oversized_frames() {
-        let past_end = Frame::Pages { round: 0, first: 999, count: 2 }.encode();
-        assert!(matches!(Frame::decode(&past_end, &LIMITS), Err(WireError::OutOfRange { .. })));
-        let wraps = Frame::ZeroPages { round: 0, first: u64::MAX, count: 2 }.encode();
-        assert!(matches!(Frame::decode(&wraps, &LIMITS), Err(WireError::OutOfRange { .. })));
-        let oversized = Frame::Pages { round: 0, first: 0, count: FRAME_PAGES_MAX + 1 }.encode();
-        assert!(matches!(Frame::decode(&oversized, &LIMITS), Err(WireError::TooLong { .. })));
-        let empty = Frame::Pages { round: 0, first: 0, count: 0 }.encode();
-        assert!(matches!(Frame::decode(&empty, &LIMITS), Err(WireError::TooLong { .. })));
-        let too_many = Frame::RoundEnd { round: 0, pages: 1001 }.encode();
-        assert!(matches!(Frame::decode(&too_many, &LIMITS), Err(WireError::OutOfRange { .. })));
+        let past_end = Frame::Pages {
+            round: 0,
+            first: 999,
+            count: 2,
+        }
+        .encode();
+        assert!(matches!(
+            Frame::decode(&past_end, &LIMITS),
+            Err(WireError::OutOfRange { .. })
+        ));
+        let wraps = Frame::ZeroPages {
+            round: 0,
+            first: u64::MAX,
+            count: 2,
+        }
+        .encode();
+        assert!(matches!(
+            Frame::decode(&wraps, &LIMITS),
+            Err(WireError::OutOfRange { .. })
+        ));
+        let oversized = Frame::Pages {
+            round: 0,
+            first: 0,
+            count: FRAME_PAGES_MAX + 1,
+        }
+        .encode();
+        assert!(matches!(
+            Frame::decode(&oversized, &LIMITS),
+            Err(WireError::TooLong { .. })
+        ));
+        let empty = Frame::Pages {
+            round: 0,
+            first: 0,
+            count: 0,
+        }
+        .encode();
+        assert!(matches!(
+            Frame::decode(&empty, &LIMITS),
+            Err(WireError::TooLong { .. })
+        ));
+        let too_many = Frame::RoundEnd {
+            round: 0,
+            pages: 1001,
+        }
+        .encode();
+        assert!(matches!(
+            Frame::decode(&too_many, &LIMITS),
+            Err(WireError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn lying_payload_length_and_unknown_kind() {
-        let mut bytes = Frame::Pages { round: 0, first: 0, count: 2 }.encode();
+        let mut bytes = Frame::Pages {
+            round: 0,
+            first: 0,
+            count: 2,
+        }
+        .encode();
         bytes[24..28].copy_from_slice(&(3 * PAGE_SIZE as u32).to_le_bytes());
-        assert!(matches!(Frame::decode(&reseal(bytes), &LIMITS), Err(WireError::BadLength { .. })));
-        let mut bytes = Frame::ZeroPages { round: 0, first: 0, count: 2 }.encode();
+        assert!(matches!(
+            Frame::decode(&reseal(bytes), &LIMITS),
+            Err(WireError::BadLength { .. })
+        ));
+        let mut bytes = Frame::ZeroPages {
+            round: 0,
+            first: 0,
+            count: 2,
+        }
+        .encode();
         bytes[24..28].copy_from_slice(&4096u32.to_le_bytes());
-        assert!(matches!(Frame::decode(&reseal(bytes), &LIMITS), Err(WireError::BadLength { .. })));
+        assert!(matches!(
+            Frame::decode(&reseal(bytes), &LIMITS),
+            Err(WireError::BadLength { .. })
+        ));
         let mut bytes = Frame::RoundEnd { round: 0, pages: 0 }.encode();
         bytes[6..8].copy_from_slice(&77u16.to_le_bytes());
-        assert!(matches!(Frame::decode(&reseal(bytes), &LIMITS), Err(WireError::UnknownKind { kind: 77 })));
+        assert!(matches!(
+            Frame::decode(&reseal(bytes), &LIMITS),
+            Err(WireError::UnknownKind { kind: 77 })
+        ));
     }
 
     proptest::proptest! {

@@ -33,9 +33,14 @@ const MESSAGE_HEADER_LEN: usize = std::mem::size_of::<MessageHeader>();
 
 /// Encodes `msg` into one buffer (header + payload).
 pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
-    let payload = postcard::to_stdvec(msg).map_err(|e| WireError::Encode { reason: e.to_string() })?;
+    let payload = postcard::to_stdvec(msg).map_err(|e| WireError::Encode {
+        reason: e.to_string(),
+    })?;
     if payload.len() as u64 > MESSAGE_LEN_MAX as u64 {
-        return Err(WireError::TooLong { len: payload.len() as u64, limit: MESSAGE_LEN_MAX as u64 });
+        return Err(WireError::TooLong {
+            len: payload.len() as u64,
+            limit: MESSAGE_LEN_MAX as u64,
+        });
     }
     let header = MessageHeader {
         magic: MESSAGE_MAGIC.into(),
@@ -54,8 +59,14 @@ pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
 /// Writes one message and flushes it.
 pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), WireError> {
     let buf = encode_message(msg)?;
-    w.write_all(&buf).map_err(|source| WireError::Io { op: "writing a message", source })?;
-    w.flush().map_err(|source| WireError::Io { op: "flushing a message", source })
+    w.write_all(&buf).map_err(|source| WireError::Io {
+        op: "writing a message",
+        source,
+    })?;
+    w.flush().map_err(|source| WireError::Io {
+        op: "flushing a message",
+        source,
+    })
 }
 
 /// Reads one message of at most `len_max` payload bytes (≤ [`MESSAGE_LEN_MAX`]).
@@ -71,12 +82,20 @@ pub fn read_message<T: DeserializeOwned>(r: &mut impl Read, len_max: u32) -> Res
 /// Decodes a message from a complete buffer (header + payload), as the fuzzer feeds it.
 pub fn decode_message<T: DeserializeOwned>(buf: &[u8], len_max: u32) -> Result<T, WireError> {
     if buf.len() < MESSAGE_HEADER_LEN {
-        return Err(WireError::Truncated { what: "message header", got: buf.len(), want: MESSAGE_HEADER_LEN });
+        return Err(WireError::Truncated {
+            what: "message header",
+            got: buf.len(),
+            want: MESSAGE_HEADER_LEN,
+        });
     }
     let (head, rest) = buf.split_at(MESSAGE_HEADER_LEN);
     let len = check_header(head, len_max)?;
     if rest.len() != len {
-        return Err(WireError::Truncated { what: "message payload", got: rest.len(), want: len });
+        return Err(WireError::Truncated {
+            what: "message payload",
+            got: rest.len(),
+            want: len,
+        });
     }
     decode_payload(head, rest)
 }
@@ -88,14 +107,23 @@ fn check_header(head: &[u8], len_max: u32) -> Result<usize, WireError> {
         want: MESSAGE_HEADER_LEN,
     })?;
     if header.magic.get() != MESSAGE_MAGIC {
-        return Err(WireError::BadMagic { expected: MESSAGE_MAGIC, found: header.magic.get() });
+        return Err(WireError::BadMagic {
+            expected: MESSAGE_MAGIC,
+            found: header.magic.get(),
+        });
     }
     if header.version.get() != WIRE_VERSION {
-        return Err(WireError::BadVersion { found: header.version.get(), supported: WIRE_VERSION });
+        return Err(WireError::BadVersion {
+            found: header.version.get(),
+            supported: WIRE_VERSION,
+        });
     }
     let limit = len_max.min(MESSAGE_LEN_MAX);
     if header.len.get() > limit {
-        return Err(WireError::TooLong { len: header.len.get() as u64, limit: limit as u64 });
+        return Err(WireError::TooLong {
+            len: header.len.get() as u64,
+            limit: limit as u64,
+        });
     }
     Ok(header.len.get() as usize)
 }
@@ -104,9 +132,14 @@ fn decode_payload<T: DeserializeOwned>(head: &[u8], payload: &[u8]) -> Result<T,
     let header = MessageHeader::read_from_bytes(head).expect("checked by check_header");
     let computed = xxh3_64(payload);
     if computed != header.checksum.get() {
-        return Err(WireError::BadPayloadChecksum { computed, claimed: header.checksum.get() });
+        return Err(WireError::BadPayloadChecksum {
+            computed,
+            claimed: header.checksum.get(),
+        });
     }
-    postcard::from_bytes(payload).map_err(|e| WireError::Decode { reason: e.to_string() })
+    postcard::from_bytes(payload).map_err(|e| WireError::Decode {
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -121,17 +154,37 @@ mod tests {
     }
 
     fn sample() -> Vec<u8> {
-        encode_message(&Msg::Hello { name: "vm1".into(), n: 42 }).unwrap()
+        encode_message(&Msg::Hello {
+            name: "vm1".into(),
+            n: 42,
+        })
+        .unwrap()
     }
 
     #[test]
     fn round_trip_over_a_stream() {
         let mut buf = Vec::new();
-        write_message(&mut buf, &Msg::Hello { name: "a".into(), n: 1 }).unwrap();
+        write_message(
+            &mut buf,
+            &Msg::Hello {
+                name: "a".into(),
+                n: 1,
+            },
+        )
+        .unwrap();
         write_message(&mut buf, &Msg::Blob(vec![9; 1000])).unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_message::<Msg>(&mut r, MESSAGE_LEN_MAX).unwrap(), Msg::Hello { name: "a".into(), n: 1 });
-        assert_eq!(read_message::<Msg>(&mut r, MESSAGE_LEN_MAX).unwrap(), Msg::Blob(vec![9; 1000]));
+        assert_eq!(
+            read_message::<Msg>(&mut r, MESSAGE_LEN_MAX).unwrap(),
+            Msg::Hello {
+                name: "a".into(),
+                n: 1
+            }
+        );
+        assert_eq!(
+            read_message::<Msg>(&mut r, MESSAGE_LEN_MAX).unwrap(),
+            Msg::Blob(vec![9; 1000])
+        );
         let eof = read_message::<Msg>(&mut r, MESSAGE_LEN_MAX).unwrap_err();
         assert!(eof.is_clean_eof(), "{eof}");
     }
@@ -141,9 +194,15 @@ mod tests {
         let buf = sample();
         for cut in 0..buf.len() {
             let err = decode_message::<Msg>(&buf[..cut], MESSAGE_LEN_MAX).unwrap_err();
-            assert!(matches!(err, WireError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, WireError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
             let err = read_message::<Msg>(&mut &buf[..cut], MESSAGE_LEN_MAX).unwrap_err();
-            assert!(matches!(err, WireError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, WireError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
     }
 
@@ -151,20 +210,35 @@ mod tests {
     fn corrupt_magic_version_checksum_and_length() {
         let mut bad = sample();
         bad[0] ^= 1;
-        assert!(matches!(decode_message::<Msg>(&bad, MESSAGE_LEN_MAX), Err(WireError::BadMagic { .. })));
+        assert!(matches!(
+            decode_message::<Msg>(&bad, MESSAGE_LEN_MAX),
+            Err(WireError::BadMagic { .. })
+        ));
         let mut bad = sample();
         bad[4] = 99;
-        assert!(matches!(decode_message::<Msg>(&bad, MESSAGE_LEN_MAX), Err(WireError::BadVersion { found: 99, .. })));
+        assert!(matches!(
+            decode_message::<Msg>(&bad, MESSAGE_LEN_MAX),
+            Err(WireError::BadVersion { found: 99, .. })
+        ));
         let mut bad = sample();
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
-        assert!(matches!(decode_message::<Msg>(&bad, MESSAGE_LEN_MAX), Err(WireError::BadPayloadChecksum { .. })));
+        assert!(matches!(
+            decode_message::<Msg>(&bad, MESSAGE_LEN_MAX),
+            Err(WireError::BadPayloadChecksum { .. })
+        ));
         // A peer that lies about the length: refused before anything is allocated.
         let mut bad = sample();
         bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_message::<Msg>(&mut &bad[..], MESSAGE_LEN_MAX), Err(WireError::TooLong { .. })));
+        assert!(matches!(
+            read_message::<Msg>(&mut &bad[..], MESSAGE_LEN_MAX),
+            Err(WireError::TooLong { .. })
+        ));
         // A caller's tighter limit applies.
-        assert!(matches!(decode_message::<Msg>(&sample(), 4), Err(WireError::TooLong { .. })));
+        assert!(matches!(
+            decode_message::<Msg>(&sample(), 4),
+            Err(WireError::TooLong { .. })
+        ));
     }
 
     #[test]
@@ -180,7 +254,10 @@ mod tests {
         };
         let mut buf = header.as_bytes().to_vec();
         buf.extend_from_slice(&payload);
-        assert!(matches!(decode_message::<Msg>(&buf, MESSAGE_LEN_MAX), Err(WireError::Decode { .. })));
+        assert!(matches!(
+            decode_message::<Msg>(&buf, MESSAGE_LEN_MAX),
+            Err(WireError::Decode { .. })
+        ));
     }
 
     proptest::proptest! {

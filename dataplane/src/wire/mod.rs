@@ -28,19 +28,30 @@ pub enum WireError {
     #[error("unknown frame kind {kind}")]
     UnknownKind { kind: u16 },
     #[error("frame of kind {kind} declares {len} payload bytes, expected {expected}")]
-    BadLength { kind: &'static str, len: u64, expected: u64 },
+    BadLength {
+        kind: &'static str,
+        len: u64,
+        expected: u64,
+    },
     #[error("length {len} exceeds the limit of {limit} bytes")]
     TooLong { len: u64, limit: u64 },
     #[error("pages {first}..{first}+{count} fall outside guest memory of {pages} pages")]
     OutOfRange { first: u64, count: u64, pages: u64 },
     #[error("connection closed in the middle of a {what} ({got} of {want} bytes)")]
-    Truncated { what: &'static str, got: usize, want: usize },
+    Truncated {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("message could not be decoded: {reason}")]
     Decode { reason: String },
     #[error("message could not be encoded: {reason}")]
     Encode { reason: String },
     #[error("i/o error while {op}")]
-    Io { op: &'static str, source: std::io::Error },
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
 }
 
 impl WireError {
@@ -59,7 +70,13 @@ pub fn read_exact_or_truncated(
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(WireError::Truncated { what, got, want: buf.len() }),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    what,
+                    got,
+                    want: buf.len(),
+                })
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(source) => return Err(WireError::Io { op: what, source }),

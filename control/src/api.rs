@@ -1,0 +1,258 @@
+//! The CLI ↔ agent API.
+//!
+//! A CLI connection opens with [`crate::peer::Opening::Request`] carrying one [`Request`]
+//! and gets exactly one [`Response`] back, except `Migrate`, which gets a stream of
+//! [`Response::Progress`] followed by one final [`Response::Migrated`] or
+//! [`Response::Error`]. Every message is framed by `ferry_dataplane::wire` (postcard,
+//! checksummed, bounded by [`API_MESSAGE_LEN_MAX`]).
+
+use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
+use ferry_dataplane::guest::reference::{Pattern, VerifyReport, VmSpec};
+use serde::{Deserialize, Serialize};
+
+/// Largest response the CLI accepts: a list of many VMs or a verify report with its
+/// mismatch list is a few KiB; 4 MiB leaves room without letting a broken agent make the
+/// CLI allocate without bound.
+pub const API_MESSAGE_LEN_MAX: u32 = 4 << 20;
+
+/// What the CLI asks an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Boot a reference VM (names are unique per agent).
+    VmCreate { spec: VmSpec },
+    VmList,
+    VmStatus { name: String },
+    /// Replay the VM's program and check every page (the VM pauses while it runs).
+    VmVerify { name: String },
+    VmDestroy { name: String },
+    /// Move `name` to the agent at `to` (`host:port`). The source agent runs the migration in
+    /// its own thread; the requesting connection only watches it.
+    Migrate { name: String, to: String, params: MigrationParams },
+    /// Cancel the migration (outgoing or incoming) of `name`.
+    Cancel { name: String },
+    /// Stop the agent: cancels migrations, shuts its VMs down, exits.
+    Shutdown,
+}
+
+/// Where a hosted VM is in its life on this agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Hosted here and not moving (its vCPUs may still be paused; see `running`).
+    Running,
+    /// Being migrated away from this agent.
+    Migrating,
+    /// Being migrated to this agent; not running yet.
+    Incoming,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Migrating => "migrating",
+            VmState::Incoming => "incoming",
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One hosted VM as `vm list` and `vm status` show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub pattern: Pattern,
+    pub dirty_rate_bytes_per_s: u64,
+    pub seed: u64,
+    pub fill_percent: u8,
+    pub state: VmState,
+    /// vCPUs are running (false while parked, quiesced or before an incoming VM resumes).
+    pub running: bool,
+    pub total_steps: u64,
+    /// Steps per vCPU.
+    pub steps: Vec<u64>,
+    pub throttle_percent: u8,
+}
+
+/// Why a request failed, so that scripts need not parse messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Malformed or invalid request (bad spec, bad parameters).
+    BadRequest,
+    /// No VM of that name on this agent.
+    NotFound,
+    /// A VM of that name exists already.
+    AlreadyExists,
+    /// The VM is migrating (or being created) and cannot do that now.
+    Busy,
+    /// The agent is shutting down.
+    ShuttingDown,
+    /// A migration started but did not complete.
+    MigrationFailed,
+    /// Anything else (booting failed, verify failed to run, …).
+    Internal,
+}
+
+/// What an agent answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Created { vm: VmInfo },
+    Vms { vms: Vec<VmInfo> },
+    Vm { vm: VmInfo },
+    Verified { name: String, report: VerifyReport },
+    Destroyed { name: String },
+    /// A snapshot of a running migration (a few per second, and at every phase or round).
+    Progress(Progress),
+    /// The migration completed: the VM runs on the destination.
+    Migrated(MigrationReport),
+    /// Answer to `Cancel`: whether a migration of `name` was running.
+    Cancelled { name: String, was_running: bool },
+    ShuttingDown,
+    Error { kind: ErrorKind, message: String },
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Response::Error { kind, message: message.into() }
+    }
+
+    /// A short name for logs and "unexpected answer" errors.
+    pub fn variant(&self) -> &'static str {
+        match self {
+            Response::Created { .. } => "Created",
+            Response::Vms { .. } => "Vms",
+            Response::Vm { .. } => "Vm",
+            Response::Verified { .. } => "Verified",
+            Response::Destroyed { .. } => "Destroyed",
+            Response::Progress(_) => "Progress",
+            Response::Migrated(_) => "Migrated",
+            Response::Cancelled { .. } => "Cancelled",
+            Response::ShuttingDown => "ShuttingDown",
+            Response::Error { .. } => "Error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_dataplane::engine::Phase;
+    use ferry_dataplane::guest::reference::Mismatch;
+    use ferry_dataplane::wire::message::{decode_message, encode_message};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "vm1".into(),
+            memory_bytes: 64 << 20,
+            vcpus: 2,
+            dirty_rate_bytes_per_s: 100 << 20,
+            pattern: Pattern::Hotset,
+            seed: 7,
+            fill_percent: 50,
+        }
+    }
+
+    fn info() -> VmInfo {
+        VmInfo {
+            name: "vm1".into(),
+            memory_bytes: 64 << 20,
+            vcpus: 2,
+            pattern: Pattern::Sweep,
+            dirty_rate_bytes_per_s: 1 << 20,
+            seed: 1,
+            fill_percent: 100,
+            state: VmState::Migrating,
+            running: true,
+            total_steps: 30,
+            steps: vec![10, 20],
+            throttle_percent: 5,
+        }
+    }
+
+    fn round_trip<T>(value: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let buf = encode_message(value).unwrap();
+        decode_message(&buf, API_MESSAGE_LEN_MAX).unwrap()
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let requests = [
+            Request::VmCreate { spec: spec() },
+            Request::VmList,
+            Request::VmStatus { name: "a".into() },
+            Request::VmVerify { name: "b".into() },
+            Request::VmDestroy { name: "c".into() },
+            Request::Migrate {
+                name: "d".into(),
+                to: "127.0.0.1:7071".into(),
+                params: MigrationParams {
+                    bandwidth_max_bytes_per_s: Some(1 << 30),
+                    ..MigrationParams::default()
+                },
+            },
+            Request::Cancel { name: "e".into() },
+            Request::Shutdown,
+        ];
+        for request in requests {
+            assert_eq!(round_trip(&request), request);
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        let report = VerifyReport {
+            ok: false,
+            pages_checked: 16384,
+            mismatched_pages: 1,
+            first_mismatches: vec![Mismatch { page: 3, addr: 0x3005, expected: 7, found: 0 }],
+            register_mismatches: vec![],
+            steps: vec![5, 6],
+            elapsed_ms: 1.5,
+        };
+        let responses = [
+            Response::Created { vm: info() },
+            Response::Vms { vms: vec![info(), info()] },
+            Response::Vm { vm: info() },
+            Response::Destroyed { name: "x".into() },
+            Response::Progress(Progress { phase: Some(Phase::MemoryPreCopy), round: 3, eta_ms: Some(9), ..Default::default() }),
+            Response::Migrated(MigrationReport { total_ms: 12.5, transport: "tcp".into(), ..Default::default() }),
+            Response::Cancelled { name: "x".into(), was_running: true },
+            Response::ShuttingDown,
+            Response::error(ErrorKind::NotFound, "no VM named \"x\""),
+        ];
+        for response in responses {
+            assert_eq!(round_trip(&response), response);
+        }
+        // VerifyReport has no PartialEq: compare what the CLI prints.
+        match round_trip(&Response::Verified { name: "v".into(), report: report.clone() }) {
+            Response::Verified { name, report: back } => {
+                assert_eq!(name, "v");
+                assert_eq!(
+                    serde_json::to_value(&back).unwrap(),
+                    serde_json::to_value(&report).unwrap()
+                );
+            }
+            other => panic!("got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_names_are_stable() {
+        let v = serde_json::to_value(info()).unwrap();
+        assert_eq!(v["state"], "migrating");
+        assert_eq!(v["pattern"], "sweep");
+        let e = serde_json::to_value(ErrorKind::AlreadyExists).unwrap();
+        assert_eq!(e, "already-exists");
+    }
+}

@@ -1,0 +1,142 @@
+//! What opens a connection to an agent, and the agent ↔ agent handshake that sets up a
+//! migration before the engines take over.
+//!
+//! ```text
+//! source agent                                   destination agent
+//!   connect #0: MigrateIn{session, spec, streams} ▶ ReferenceVm::incoming(spec)
+//!              ◀ Accepted{prefault_ms} | Refused{reason}
+//!   connect #1..=N: DataStream{session, index}    ▶ routed to the pending session
+//!              ◀ Attached | Refused{reason}
+//!   ── connection #0 becomes the engines' control channel, #1..=N the data streams ──
+//! ```
+//!
+//! The session number ties the data connections to their control connection; it is random
+//! so that a stray or stale data connection does not attach to the wrong migration.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_dataplane::guest::reference::VmSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::api::Request;
+
+/// Largest opening or handshake message: a spec with a 255-byte name is far below this.
+pub const PEER_MESSAGE_LEN_MAX: u32 = 64 << 10;
+
+/// Data streams a migration may use (the engine accepts 1..=64).
+pub const STREAMS_MAX: u32 = 64;
+
+/// The first message on every connection to an agent says what the connection is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Opening {
+    /// A CLI request.
+    Request(Request),
+    /// A source agent proposes a migration; this connection becomes its control channel.
+    MigrateIn(MigrateIn),
+    /// A data stream of an accepted migration.
+    DataStream(DataStream),
+}
+
+/// A source agent asks to migrate a VM here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateIn {
+    pub session: u64,
+    pub spec: VmSpec,
+    /// Data connections that will follow (1..=[`STREAMS_MAX`]).
+    pub streams: u32,
+}
+
+/// The destination's answer to [`MigrateIn`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MigrateInReply {
+    /// The incoming VM exists (memory pre-faulted, vCPUs parked); open the data streams.
+    Accepted { prefault_ms: f64 },
+    Refused { reason: String },
+}
+
+/// Opens data connection `index` of `session`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStream {
+    pub session: u64,
+    pub index: u32,
+}
+
+/// The destination's answer on a data connection, sent before any frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataStreamReply {
+    Attached,
+    Refused { reason: String },
+}
+
+/// A fresh, unpredictable-enough session number (never 0).
+///
+/// std's `RandomState` is keyed from the OS's random source once per process; mixing in the
+/// time and a counter makes every call different.
+pub fn new_session_id() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.finish().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_dataplane::guest::reference::Pattern;
+    use ferry_dataplane::wire::message::{decode_message, encode_message};
+
+    fn round_trip<T>(value: &T) -> T
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+    {
+        let buf = encode_message(value).unwrap();
+        decode_message(&buf, PEER_MESSAGE_LEN_MAX).unwrap()
+    }
+
+    #[test]
+    fn openings_and_replies_round_trip() {
+        let spec = VmSpec {
+            name: "x".repeat(255),
+            memory_bytes: 1 << 30,
+            vcpus: 64,
+            dirty_rate_bytes_per_s: u64::MAX,
+            pattern: Pattern::Uniform,
+            seed: u64::MAX,
+            fill_percent: 0,
+        };
+        let openings = [
+            Opening::Request(Request::VmList),
+            Opening::MigrateIn(MigrateIn { session: 42, spec, streams: STREAMS_MAX }),
+            Opening::DataStream(DataStream { session: u64::MAX, index: 63 }),
+        ];
+        for opening in openings {
+            assert_eq!(round_trip(&opening), opening);
+        }
+        for reply in [MigrateInReply::Accepted { prefault_ms: 12.25 }, MigrateInReply::Refused { reason: "no".into() }] {
+            assert_eq!(round_trip(&reply), reply);
+        }
+        for reply in [DataStreamReply::Attached, DataStreamReply::Refused { reason: "unknown session".into() }] {
+            assert_eq!(round_trip(&reply), reply);
+        }
+    }
+
+    #[test]
+    fn an_oversized_opening_is_refused() {
+        let opening = Opening::Request(Request::VmStatus { name: "n".repeat(PEER_MESSAGE_LEN_MAX as usize) });
+        let buf = encode_message(&opening).unwrap();
+        assert!(decode_message::<Opening>(&buf, PEER_MESSAGE_LEN_MAX).is_err());
+    }
+
+    #[test]
+    fn session_ids_differ_and_are_never_zero() {
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| new_session_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(!ids.contains(&0));
+    }
+}

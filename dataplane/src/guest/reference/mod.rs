@@ -1,0 +1,396 @@
+//! The reference VM: stands in for a VMM so that everything else in ferry is real.
+//!
+//! vCPU threads run a deterministic program from a seed, stamping whole pages at a set
+//! dirty rate and pattern ([`program`]); their register files and a NIC are the device
+//! state ([`state`]); and because the program is deterministic, [`ReferenceVm::verify`]
+//! replays it from the seed and checks every byte of every page ([`verify`]), so a lost,
+//! stale or duplicated write is found, not guessed.
+//!
+//! Lifecycle on each side of a migration:
+//!
+//! ```text
+//! source:      boot ─▶ running ─▶ quiesce ─▶ save_state ─▶ (shutdown after switch-over)
+//! destination: incoming (parked, memory pre-faulted) ─▶ receive memory ─▶ load_state ─▶ resume
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use self::program::Program;
+use self::vcpu::{lock, Desired, Pace, Vcpus};
+use super::{Guest, GuestError};
+use crate::memory::region::{MEMORY_BYTES_MAX, MEMORY_BYTES_MIN};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+
+pub mod program;
+pub mod state;
+mod vcpu;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use state::{NicState, VcpuState, VmState};
+pub use vcpu::{QUIESCE_TIMEOUT, THROTTLE_PERCENT_MAX};
+pub use verify::MISMATCHES_LISTED_MAX;
+
+/// Most vCPUs a reference VM may have.
+pub const VCPUS_MAX: u32 = 64;
+/// Longest VM name accepted, in bytes.
+pub const NAME_BYTES_MAX: usize = 255;
+/// `fill_percent` when a serialized spec leaves it out.
+pub const FILL_PERCENT_DEFAULT: u8 = 100;
+
+fn fill_percent_default() -> u8 {
+    FILL_PERCENT_DEFAULT
+}
+
+/// What to boot: size, vCPUs and the program they run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    /// A multiple of the page size in `MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX`.
+    pub memory_bytes: u64,
+    /// `1..=VCPUS_MAX`.
+    pub vcpus: u32,
+    /// Total over all vCPUs; 0 = vCPUs idle; `u64::MAX` = unpaced (as fast as possible).
+    pub dirty_rate_bytes_per_s: u64,
+    pub pattern: Pattern,
+    pub seed: u64,
+    /// Share of pages given non-zero content at boot (0..=100).
+    #[serde(default = "fill_percent_default")]
+    pub fill_percent: u8,
+}
+
+impl VmSpec {
+    pub fn validate(&self) -> Result<(), GuestError> {
+        let bad = |reason: String| Err(GuestError::BadSpec { reason });
+        if self.name.is_empty() || self.name.len() > NAME_BYTES_MAX {
+            return bad(format!(
+                "name must be 1..={NAME_BYTES_MAX} bytes, got {}",
+                self.name.len()
+            ));
+        }
+        if self.memory_bytes % PAGE_SIZE as u64 != 0
+            || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&self.memory_bytes)
+        {
+            return bad(format!(
+                "memory_bytes {} must be a multiple of {PAGE_SIZE} in {MEMORY_BYTES_MIN}..={MEMORY_BYTES_MAX}",
+                self.memory_bytes
+            ));
+        }
+        if !(1..=VCPUS_MAX).contains(&self.vcpus) {
+            return bad(format!("vcpus {} must be in 1..={VCPUS_MAX}", self.vcpus));
+        }
+        // Every vCPU must own at least one page; MEMORY_BYTES_MIN makes this hold today.
+        if self.memory_bytes / (PAGE_SIZE as u64) < u64::from(self.vcpus) {
+            return bad(format!("{} vCPUs need at least as many pages", self.vcpus));
+        }
+        if self.fill_percent > 100 {
+            return bad(format!(
+                "fill_percent {} must be in 0..=100",
+                self.fill_percent
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parts of the spec that decide memory contents.
+    fn program(&self) -> Program {
+        Program {
+            seed: self.seed,
+            pattern: self.pattern,
+            pages: self.memory_bytes / PAGE_SIZE as u64,
+            vcpus: self.vcpus,
+            fill_percent: self.fill_percent,
+        }
+    }
+}
+
+/// How a vCPU picks the page of its next step, among the pages it owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// A uniformly random page.
+    Uniform,
+    /// 90 % of writes to a hot 10 % of the pages, the rest uniform.
+    Hotset,
+    /// Every page in turn, wrapping.
+    Sweep,
+}
+
+impl Pattern {
+    pub const ALL: [Pattern; 3] = [Pattern::Uniform, Pattern::Hotset, Pattern::Sweep];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pattern::Uniform => "uniform",
+            Pattern::Hotset => "hotset",
+            Pattern::Sweep => "sweep",
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown dirty pattern {input:?}; expected one of: uniform, hotset, sweep")]
+pub struct ParsePatternError {
+    pub input: String,
+}
+
+impl FromStr for Pattern {
+    type Err = ParsePatternError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        Pattern::ALL
+            .into_iter()
+            .find(|p| p.as_str() == input)
+            .ok_or_else(|| ParsePatternError {
+                input: input.to_string(),
+            })
+    }
+}
+
+/// A snapshot of the VM for status and progress displays.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// vCPUs are (or have been told to be) running.
+    pub running: bool,
+    /// Steps taken, per vCPU.
+    pub steps: Vec<u64>,
+    pub total_steps: u64,
+    pub throttle_percent: u8,
+}
+
+/// What [`ReferenceVm::verify`] found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// No page and no register file differs from the replay.
+    pub ok: bool,
+    pub pages_checked: u64,
+    pub mismatched_pages: u64,
+    /// The lowest-numbered mismatched pages, at most [`MISMATCHES_LISTED_MAX`].
+    pub first_mismatches: Vec<Mismatch>,
+    /// vCPUs whose live PRNG state differs from the one replayed to their step count.
+    #[serde(default)]
+    pub register_mismatches: Vec<RegisterMismatch>,
+    /// Step counts the replay ran to, per vCPU.
+    pub steps: Vec<u64>,
+    pub elapsed_ms: f64,
+}
+
+/// The first differing byte of a page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub page: u64,
+    /// Guest-physical address of the first differing byte.
+    pub addr: u64,
+    pub expected: u8,
+    pub found: u8,
+}
+
+/// A vCPU register file that does not match the replay of its step count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterMismatch {
+    pub vcpu: u32,
+    pub steps: u64,
+    pub expected_rng: [u64; 4],
+    pub found_rng: [u64; 4],
+}
+
+/// A running (or parked) reference VM. Dropping it stops the vCPUs.
+pub struct ReferenceVm {
+    spec: VmSpec,
+    memory: Arc<GuestMemory>,
+    vcpus: Arc<Vcpus>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    nic: Mutex<NicState>,
+    /// Serialises quiesce, resume, verify, state save/load and shutdown, so that verify's
+    /// "quiesce, check, resume if it was running" is not interleaved with another caller's
+    /// transition.
+    lifecycle: Mutex<()>,
+    prefault_ms: f64,
+}
+
+impl fmt::Debug for ReferenceVm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReferenceVm")
+            .field("spec", &self.spec)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl ReferenceVm {
+    /// Source side: creates memory, writes the boot content (version 0) into every filled
+    /// page, starts the vCPUs running.
+    pub fn boot(spec: VmSpec) -> Result<Self, GuestError> {
+        spec.validate()?;
+        let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
+        verify::write_boot_content(&spec.program(), &memory);
+        let vm = Self::start(spec, memory, Desired::Run, 0.0)?;
+        tracing::info!(name = %vm.spec.name, "reference VM booted");
+        Ok(vm)
+    }
+
+    /// Destination side: zeroed memory, pre-faulted (see [`Self::prefault_ms`]); the vCPU
+    /// threads exist but are parked until `load_state` and `resume`.
+    pub fn incoming(spec: VmSpec) -> Result<Self, GuestError> {
+        spec.validate()?;
+        let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
+        let prefault = memory.prefault()?;
+        let vm = Self::start(spec, memory, Desired::Park, prefault.as_secs_f64() * 1e3)?;
+        tracing::info!(name = %vm.spec.name, prefault_ms = vm.prefault_ms, "reference VM ready for incoming migration");
+        Ok(vm)
+    }
+
+    fn start(
+        spec: VmSpec,
+        memory: Arc<GuestMemory>,
+        desired: Desired,
+        prefault_ms: f64,
+    ) -> Result<Self, GuestError> {
+        let pace = Pace::from_rate(spec.dirty_rate_bytes_per_s, spec.vcpus);
+        let vcpus = Arc::new(Vcpus::new(
+            spec.program(),
+            Arc::clone(&memory),
+            pace,
+            desired,
+        ));
+        let threads = vcpus.spawn()?;
+        let vm = Self {
+            nic: Mutex::new(NicState::from_seed(spec.seed)),
+            spec,
+            memory,
+            vcpus,
+            threads: Mutex::new(threads),
+            lifecycle: Mutex::new(()),
+            prefault_ms,
+        };
+        if desired == Desired::Park {
+            // Return only once every thread sits parked, so the VM is quiesced (and
+            // `load_state` accepted) from the moment the caller holds it. On error, drop
+            // stops the threads.
+            vm.vcpus.quiesce()?;
+        }
+        Ok(vm)
+    }
+
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    /// How long pre-faulting the destination's memory took; 0 for `boot`.
+    pub fn prefault_ms(&self) -> f64 {
+        self.prefault_ms
+    }
+
+    /// The NIC (derived from the seed at boot, replaced by `load_state`).
+    pub fn nic(&self) -> NicState {
+        *lock(&self.nic)
+    }
+
+    pub fn status(&self) -> VmStatus {
+        let steps = self.vcpus.steps();
+        VmStatus {
+            running: self.vcpus.desired() == Desired::Run,
+            total_steps: steps.iter().sum(),
+            steps,
+            throttle_percent: self.vcpus.throttle_percent(),
+        }
+    }
+
+    /// Quiesces if running, replays the program from the seed up to the current step
+    /// counts, checks every byte of every page, and resumes if it was running.
+    pub fn verify(&self) -> Result<VerifyReport, GuestError> {
+        let _lifecycle = lock(&self.lifecycle);
+        let was_running = self.vcpus.desired() == Desired::Run;
+        self.vcpus.quiesce()?;
+        let report = verify::verify(&self.spec.program(), &self.memory, &self.vcpus.regs());
+        if was_running {
+            self.vcpus.resume()?;
+        }
+        if !report.ok {
+            tracing::warn!(
+                name = %self.spec.name,
+                mismatched_pages = report.mismatched_pages,
+                register_mismatches = report.register_mismatches.len(),
+                "reference VM verify failed"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Stops and joins the vCPU threads. Idempotent; also done on drop. Afterwards the
+    /// register files are final: `save_state` and `verify` still work, `resume` does not.
+    pub fn shutdown(&self) {
+        let _lifecycle = lock(&self.lifecycle);
+        let handles = std::mem::take(&mut *lock(&self.threads));
+        self.vcpus.stop(handles);
+    }
+}
+
+impl Drop for ReferenceVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Guest for ReferenceVm {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    fn quiesce(&self) -> Result<(), GuestError> {
+        let _lifecycle = lock(&self.lifecycle);
+        self.vcpus.quiesce()
+    }
+
+    fn resume(&self) -> Result<(), GuestError> {
+        let _lifecycle = lock(&self.lifecycle);
+        self.vcpus.resume()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, GuestError> {
+        let _lifecycle = lock(&self.lifecycle);
+        if !self.vcpus.is_quiesced() {
+            return Err(GuestError::NotQuiesced {
+                operation: "save_state",
+            });
+        }
+        let state = VmState {
+            spec: self.spec.clone(),
+            vcpus: self.vcpus.regs().into_iter().map(VcpuState::from).collect(),
+            nic: self.nic(),
+        };
+        state::encode(&state)
+    }
+
+    fn load_state(&self, blob: &[u8]) -> Result<(), GuestError> {
+        let _lifecycle = lock(&self.lifecycle);
+        if !self.vcpus.is_quiesced() {
+            return Err(GuestError::NotQuiesced {
+                operation: "load_state",
+            });
+        }
+        let state = state::decode(blob)?;
+        state::check_compatible(&self.spec, &state)?;
+        let regs: Vec<_> = state.vcpus.iter().copied().map(Into::into).collect();
+        self.vcpus.load_regs(&regs);
+        *lock(&self.nic) = state.nic;
+        Ok(())
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.vcpus.set_throttle(percent);
+    }
+}
