@@ -53,8 +53,12 @@ pub struct MigrateIn {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MigrateInReply {
     /// The incoming VM exists (memory pre-faulted, vCPUs parked); open the data streams.
-    Accepted { prefault_ms: f64 },
-    Refused { reason: String },
+    Accepted {
+        prefault_ms: f64,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Opens data connection `index` of `session`.
@@ -80,7 +84,9 @@ pub fn new_session_id() -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     hasher.write_u32(std::process::id());
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     hasher.write_u128(nanos);
     hasher.finish().max(1)
 }
@@ -112,23 +118,42 @@ mod tests {
         };
         let openings = [
             Opening::Request(Request::VmList),
-            Opening::MigrateIn(MigrateIn { session: 42, spec, streams: STREAMS_MAX }),
-            Opening::DataStream(DataStream { session: u64::MAX, index: 63 }),
+            Opening::MigrateIn(MigrateIn {
+                session: 42,
+                spec,
+                streams: STREAMS_MAX,
+            }),
+            Opening::DataStream(DataStream {
+                session: u64::MAX,
+                index: 63,
+            }),
         ];
         for opening in openings {
             assert_eq!(round_trip(&opening), opening);
         }
-        for reply in [MigrateInReply::Accepted { prefault_ms: 12.25 }, MigrateInReply::Refused { reason: "no".into() }] {
+        for reply in [
+            MigrateInReply::Accepted { prefault_ms: 12.25 },
+            MigrateInReply::Refused {
+                reason: "no".into(),
+            },
+        ] {
             assert_eq!(round_trip(&reply), reply);
         }
-        for reply in [DataStreamReply::Attached, DataStreamReply::Refused { reason: "unknown session".into() }] {
+        for reply in [
+            DataStreamReply::Attached,
+            DataStreamReply::Refused {
+                reason: "unknown session".into(),
+            },
+        ] {
             assert_eq!(round_trip(&reply), reply);
         }
     }
 
     #[test]
     fn an_oversized_opening_is_refused() {
-        let opening = Opening::Request(Request::VmStatus { name: "n".repeat(PEER_MESSAGE_LEN_MAX as usize) });
+        let opening = Opening::Request(Request::VmStatus {
+            name: "n".repeat(PEER_MESSAGE_LEN_MAX as usize),
+        });
         let buf = encode_message(&opening).unwrap();
         assert!(decode_message::<Opening>(&buf, PEER_MESSAGE_LEN_MAX).is_err());
     }

@@ -27,7 +27,11 @@ pub enum RegistryError {
     #[error("a VM named {name:?} already exists on this agent")]
     AlreadyExists { name: String },
     #[error("VM {name:?} is {state}; {operation} needs a VM that is not migrating (cancel the migration first)")]
-    Busy { name: String, state: VmState, operation: &'static str },
+    Busy {
+        name: String,
+        state: VmState,
+        operation: &'static str,
+    },
     #[error("VM {name:?} is still being set up; try again in a moment")]
     NotReady { name: String },
 }
@@ -60,7 +64,9 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding the lock leaves the map consistent (every change is one
         // insert, remove or field store), so a poisoned lock is still usable.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Claims `spec.name` in `state` (Running for a create, Incoming for a migration) before
@@ -68,12 +74,19 @@ impl Registry {
     pub fn reserve(&self, spec: &VmSpec, state: VmState) -> Result<Arc<AtomicBool>, RegistryError> {
         let mut entries = self.lock();
         if entries.contains_key(&spec.name) {
-            return Err(RegistryError::AlreadyExists { name: spec.name.clone() });
+            return Err(RegistryError::AlreadyExists {
+                name: spec.name.clone(),
+            });
         }
         let cancel = Arc::new(AtomicBool::new(false));
         entries.insert(
             spec.name.clone(),
-            Entry { spec: spec.clone(), vm: None, state, cancel: Arc::clone(&cancel) },
+            Entry {
+                spec: spec.clone(),
+                vm: None,
+                state,
+                cancel: Arc::clone(&cancel),
+            },
         );
         Ok(cancel)
     }
@@ -98,45 +111,94 @@ impl Registry {
     }
 
     /// A VM that is hosted here and not moving (for verify).
-    pub fn get_settled(&self, name: &str, operation: &'static str) -> Result<Arc<ReferenceVm>, RegistryError> {
+    pub fn get_settled(
+        &self,
+        name: &str,
+        operation: &'static str,
+    ) -> Result<Arc<ReferenceVm>, RegistryError> {
         let entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
+        let entry = entries
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
         if entry.state != VmState::Running {
-            return Err(RegistryError::Busy { name: name.into(), state: entry.state, operation });
+            return Err(RegistryError::Busy {
+                name: name.into(),
+                state: entry.state,
+                operation,
+            });
         }
-        entry.vm.clone().ok_or_else(|| RegistryError::NotReady { name: name.into() })
+        entry
+            .vm
+            .clone()
+            .ok_or_else(|| RegistryError::NotReady { name: name.into() })
+    }
+
+    /// True while `name` is an incoming VM whose guest already runs: the engine has resumed
+    /// it after the source's commit and the acceptor is about to mark it Running.
+    pub fn incoming_finishing(&self, name: &str) -> bool {
+        let vm = {
+            let entries = self.lock();
+            match entries.get(name) {
+                Some(entry) if entry.state == VmState::Incoming => entry.vm.clone(),
+                _ => None,
+            }
+        };
+        vm.is_some_and(|vm| vm.status().running)
     }
 
     /// Running → Migrating, with a fresh cancel flag.
     pub fn begin_outgoing(&self, name: &str) -> Result<Outgoing, RegistryError> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
+        let entry = entries
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
         if entry.state != VmState::Running {
-            return Err(RegistryError::Busy { name: name.into(), state: entry.state, operation: "migrate" });
+            return Err(RegistryError::Busy {
+                name: name.into(),
+                state: entry.state,
+                operation: "migrate",
+            });
         }
-        let vm = entry.vm.clone().ok_or_else(|| RegistryError::NotReady { name: name.into() })?;
+        let vm = entry
+            .vm
+            .clone()
+            .ok_or_else(|| RegistryError::NotReady { name: name.into() })?;
         entry.state = VmState::Migrating;
         entry.cancel = Arc::new(AtomicBool::new(false));
-        Ok(Outgoing { vm, cancel: Arc::clone(&entry.cancel) })
+        Ok(Outgoing {
+            vm,
+            cancel: Arc::clone(&entry.cancel),
+        })
     }
 
     /// Removes a VM that is not migrating; returns it for the caller to shut down.
     pub fn destroy(&self, name: &str) -> Result<Arc<ReferenceVm>, RegistryError> {
         let mut entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
+        let entry = entries
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
         if entry.state != VmState::Running {
-            return Err(RegistryError::Busy { name: name.into(), state: entry.state, operation: "destroy" });
+            return Err(RegistryError::Busy {
+                name: name.into(),
+                state: entry.state,
+                operation: "destroy",
+            });
         }
         if entry.vm.is_none() {
             return Err(RegistryError::NotReady { name: name.into() });
         }
-        Ok(entries.remove(name).and_then(|e| e.vm).expect("checked above"))
+        Ok(entries
+            .remove(name)
+            .and_then(|e| e.vm)
+            .expect("checked above"))
     }
 
     /// Sets the cancel flag of `name`'s migration. `Ok(true)` when one was running.
     pub fn cancel(&self, name: &str) -> Result<bool, RegistryError> {
         let entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
+        let entry = entries
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
         if entry.state == VmState::Running {
             return Ok(false);
         }
@@ -153,7 +215,10 @@ impl Registry {
 
     /// Migrations in progress, either way.
     pub fn migrations_active(&self) -> usize {
-        self.lock().values().filter(|e| e.state != VmState::Running).count()
+        self.lock()
+            .values()
+            .filter(|e| e.state != VmState::Running)
+            .count()
     }
 
     /// Removes every VM (agent shutdown); the caller shuts them down.
@@ -164,7 +229,9 @@ impl Registry {
     pub fn info(&self, name: &str) -> Result<VmInfo, RegistryError> {
         let (spec, vm, state) = {
             let entries = self.lock();
-            let entry = entries.get(name).ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
+            let entry = entries
+                .get(name)
+                .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
             (entry.spec.clone(), entry.vm.clone(), entry.state)
         };
         let vm = vm.ok_or_else(|| RegistryError::NotReady { name: name.into() })?;
@@ -178,7 +245,10 @@ impl Registry {
             .values()
             .filter_map(|e| e.vm.clone().map(|vm| (e.spec.clone(), vm, e.state)))
             .collect();
-        let mut vms: Vec<VmInfo> = snapshot.iter().map(|(spec, vm, state)| describe(spec, vm, *state)).collect();
+        let mut vms: Vec<VmInfo> = snapshot
+            .iter()
+            .map(|(spec, vm, state)| describe(spec, vm, *state))
+            .collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         vms
     }
@@ -229,12 +299,15 @@ mod tests {
         let registry = Registry::new();
         registry.reserve(&spec("a"), VmState::Running).unwrap();
         assert_eq!(
-            registry.reserve(&spec("a"), VmState::Incoming),
-            Err(RegistryError::AlreadyExists { name: "a".into() })
+            registry.reserve(&spec("a"), VmState::Incoming).err(),
+            Some(RegistryError::AlreadyExists { name: "a".into() })
         );
         // Not listed until attached, and not usable.
         assert!(registry.list().is_empty());
-        assert_eq!(registry.info("a"), Err(RegistryError::NotReady { name: "a".into() }));
+        assert_eq!(
+            registry.info("a"),
+            Err(RegistryError::NotReady { name: "a".into() })
+        );
         assert!(registry.remove("a").is_none());
         registry.reserve(&spec("a"), VmState::Running).unwrap();
     }
@@ -246,9 +319,18 @@ mod tests {
         assert!(!registry.cancel("a").unwrap());
         let out = registry.begin_outgoing("a").unwrap();
         assert_eq!(registry.info("a").unwrap().state, VmState::Migrating);
-        assert!(matches!(registry.begin_outgoing("a"), Err(RegistryError::Busy { .. })));
-        assert!(matches!(registry.destroy("a"), Err(RegistryError::Busy { .. })));
-        assert!(matches!(registry.get_settled("a", "verify"), Err(RegistryError::Busy { .. })));
+        assert!(matches!(
+            registry.begin_outgoing("a"),
+            Err(RegistryError::Busy { .. })
+        ));
+        assert!(matches!(
+            registry.destroy("a"),
+            Err(RegistryError::Busy { .. })
+        ));
+        assert!(matches!(
+            registry.get_settled("a", "verify"),
+            Err(RegistryError::Busy { .. })
+        ));
         assert_eq!(registry.migrations_active(), 1);
         assert!(registry.cancel("a").unwrap());
         assert!(out.cancel.load(Ordering::SeqCst));
@@ -258,7 +340,10 @@ mod tests {
         assert!(!again.cancel.load(Ordering::SeqCst));
         registry.set_state("a", VmState::Running);
         registry.destroy("a").unwrap().shutdown();
-        assert_eq!(registry.cancel("a"), Err(RegistryError::NotFound { name: "a".into() }));
+        assert_eq!(
+            registry.cancel("a"),
+            Err(RegistryError::NotFound { name: "a".into() })
+        );
     }
 
     #[test]

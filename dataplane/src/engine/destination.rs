@@ -19,6 +19,8 @@ use crate::transport::{DestinationTransport, ReceiveEvent};
 /// rounds report nothing on the control channel, so this bounds silence on the data streams
 /// too (each round ends with a marker on every stream).
 const SOURCE_SILENCE_MAX: Duration = Duration::from_secs(120);
+/// How long a broken stream waits for the source's reason.
+const ABORT_GRACE: Duration = Duration::from_millis(300);
 /// After `Prepared`, how long the destination waits for the source's decision.
 const COMMIT_WAIT_MAX: Duration = Duration::from_secs(60);
 
@@ -61,6 +63,14 @@ pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineE
         }
     }
     result
+}
+
+/// Waits briefly for an `Abort` from the source (it explains why the streams broke).
+fn abort_reason(control: &ControlChannel<ToDestination>) -> Option<String> {
+    match control.inbox().recv_timeout(ABORT_GRACE) {
+        Ok(Ok(ToDestination::Abort { reason })) => Some(reason),
+        _ => None,
+    }
 }
 
 fn receive(
@@ -145,10 +155,19 @@ fn receive(
                     pages_received += pages;
                 }
                 Ok(ReceiveEvent::Failed { stream, error }) => {
+                    // A source that aborts closes its streams first; prefer its reason.
+                    if let Some(reason) = abort_reason(control) {
+                        return Err(EngineError::PeerAborted { reason });
+                    }
                     warn!(stream, %error, "data stream failed");
                     return Err(error.into());
                 }
-                Err(_) => return Err(EngineError::Protocol { reason: "all receivers stopped".into() }),
+                Err(_) => {
+                    if let Some(reason) = abort_reason(control) {
+                        return Err(EngineError::PeerAborted { reason });
+                    }
+                    return Err(EngineError::Protocol { reason: "every data stream closed before the switch-over".into() });
+                }
             },
             recv(control.inbox()) -> msg => match msg {
                 Ok(Ok(ToDestination::SwitchOver { final_round, device_state, digest })) => {

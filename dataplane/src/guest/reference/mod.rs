@@ -75,7 +75,7 @@ impl VmSpec {
                 self.name.len()
             ));
         }
-        if self.memory_bytes % PAGE_SIZE as u64 != 0
+        if !self.memory_bytes.is_multiple_of(PAGE_SIZE as u64)
             || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&self.memory_bytes)
         {
             return bad(format!(
@@ -86,9 +86,13 @@ impl VmSpec {
         if !(1..=VCPUS_MAX).contains(&self.vcpus) {
             return bad(format!("vcpus {} must be in 1..={VCPUS_MAX}", self.vcpus));
         }
-        // Every vCPU must own at least one page; MEMORY_BYTES_MIN makes this hold today.
-        if self.memory_bytes / (PAGE_SIZE as u64) < u64::from(self.vcpus) {
-            return bad(format!("{} vCPUs need at least as many pages", self.vcpus));
+        // Every vCPU must own at least one page.
+        let pages = self.memory_bytes / PAGE_SIZE as u64;
+        if pages < u64::from(self.vcpus) {
+            return bad(format!(
+                "memory_bytes {} holds {pages} pages, fewer than the {} vCPUs (each owns at least one)",
+                self.memory_bytes, self.vcpus
+            ));
         }
         if self.fill_percent > 100 {
             return bad(format!(

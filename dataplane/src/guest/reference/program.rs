@@ -30,6 +30,12 @@ pub const STEPS_MAX: u64 = (1 << VERSION_STEP_BITS) - 1;
 const HOT_PAGES_PERCENT: u64 = 10;
 const HOT_WRITES_PERCENT: u64 = 90;
 
+/// Domain tags mixed into seed-derived keys, so the fill draw, the hot-set offset and the
+/// register seeds are unrelated even for equal (seed, index) pairs.
+const TAG_FILL: u64 = 0x6669_6c6c; // "fill"
+const TAG_HOT: u64 = 0x0068_6f74; // "hot"
+const TAG_REGS: u64 = 0x7265_6773; // "regs"
+
 /// splitmix64's increment (the golden ratio in 64 bits).
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -134,7 +140,7 @@ pub struct Program {
 impl Program {
     /// Whether `page` holds boot content ([`BOOT_VERSION`]) or stays zero.
     pub fn is_filled(&self, page: u64) -> bool {
-        let draw = hash_words([self.seed, page, 0x66_696c_6c]) % 100;
+        let draw = hash_words([self.seed, page, TAG_FILL]) % 100;
         draw < u64::from(self.fill_percent)
     }
 
@@ -148,7 +154,7 @@ impl Program {
         let vcpus = u64::from(self.vcpus);
         let owned = (self.pages - u64::from(vcpu)).div_ceil(vcpus);
         let hot_len = (owned * HOT_PAGES_PERCENT / 100).max(1);
-        let hot_base = below(hash_words([self.seed, u64::from(vcpu), 0x686f_74]), owned);
+        let hot_base = below(hash_words([self.seed, u64::from(vcpu), TAG_HOT]), owned);
         Lane {
             seed: self.seed,
             pattern: self.pattern,
@@ -192,7 +198,7 @@ impl Lane {
     /// Register file before the first step.
     pub fn initial_regs(&self) -> VcpuRegs {
         VcpuRegs {
-            rng: Xoshiro256::from_seed(hash_words([self.seed, u64::from(self.vcpu), 0x7265_6773])),
+            rng: Xoshiro256::from_seed(hash_words([self.seed, u64::from(self.vcpu), TAG_REGS])),
             steps: 0,
         }
     }

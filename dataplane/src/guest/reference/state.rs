@@ -22,6 +22,8 @@ use crate::guest::GuestError;
 pub const STATE_MAGIC: [u8; 8] = *b"FRYSTATE";
 /// Bumped on any change to [`VmState`]'s encoding.
 pub const STATE_FORMAT_VERSION: u16 = 1;
+/// Domain tag for deriving the NIC from the seed ("nic").
+const TAG_NIC: u64 = 0x006e_6963;
 /// Size of [`StateHeader`].
 pub const STATE_HEADER_LEN: usize = 24;
 /// Largest payload accepted: 64 vCPUs of registers plus a spec is well under a KiB.
@@ -65,7 +67,7 @@ impl NicState {
     /// The adapter a VM with `seed` boots with: a locally administered unicast MAC and an
     /// address in 10.0.0.0/8 that is neither a network nor a broadcast address.
     pub fn from_seed(seed: u64) -> Self {
-        let bits = splitmix64(seed ^ 0x6e69_63).to_le_bytes();
+        let bits = splitmix64(seed ^ TAG_NIC).to_le_bytes();
         let mac = [0x02, bits[0], bits[1], bits[2], bits[3], bits[4]];
         let host = 1 + bits[7] % 254;
         Self {

@@ -9,6 +9,9 @@ use super::*;
 
 const MIB: u64 = 1 << 20;
 
+/// An edit to a spec, for table-driven tests.
+type SpecChange = fn(&mut VmSpec);
+
 fn spec(name: &str, rate: u64, pattern: Pattern) -> VmSpec {
     VmSpec {
         name: name.into(),
@@ -105,6 +108,25 @@ fn a_single_flipped_byte_is_reported_with_its_address() {
 }
 
 #[test]
+fn tiny_and_unevenly_split_vms_verify() {
+    for (pages, vcpus, pattern) in [
+        (1, 1, Pattern::Hotset),
+        (5, 3, Pattern::Hotset),
+        (7, 4, Pattern::Sweep),
+        (11, 2, Pattern::Uniform),
+    ] {
+        let mut s = spec("tiny", u64::MAX, pattern);
+        s.memory_bytes = pages * 4096;
+        s.vcpus = vcpus;
+        let vm = ReferenceVm::boot(s).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let report = vm.verify().unwrap();
+        assert!(report.ok, "{pages} pages, {vcpus} vCPUs: {report:?}");
+        assert!(report.steps.iter().all(|&s| s > 0), "{report:?}");
+    }
+}
+
+#[test]
 fn many_mismatches_are_counted_and_the_first_listed() {
     let vm = ReferenceVm::boot(spec("many", 0, Pattern::Sweep)).unwrap();
     for page in (0..100u64).map(|p| p * 40) {
@@ -194,7 +216,7 @@ fn corrupt_or_foreign_state_is_refused_with_a_reason() {
     assert!(reason(&wrong_version).contains("format version 7"));
 
     for (what, change) in [
-        ("seed", (|s: &mut VmSpec| s.seed += 1) as fn(&mut VmSpec)),
+        ("seed", (|s: &mut VmSpec| s.seed += 1) as SpecChange),
         ("vcpus", |s| s.vcpus = 4),
         ("memory_bytes", |s| s.memory_bytes *= 2),
         ("pattern", |s| s.pattern = Pattern::Hotset),
@@ -327,10 +349,11 @@ fn shutdown_is_final_and_idempotent() {
 fn specs_are_validated() {
     let good = spec("v", 0, Pattern::Uniform);
     good.validate().unwrap();
-    let cases: [(fn(&mut VmSpec), &str); 6] = [
+    let cases: [(SpecChange, &str); 7] = [
         (|s| s.name.clear(), "name"),
         (|s| s.memory_bytes += 1, "memory_bytes"),
-        (|s| s.memory_bytes = 4096, "memory_bytes"),
+        (|s| s.memory_bytes = 0, "memory_bytes"),
+        (|s| s.memory_bytes = 4096, "fewer than the 2 vCPUs"),
         (|s| s.vcpus = 0, "vcpus"),
         (|s| s.vcpus = 65, "vcpus"),
         (|s| s.fill_percent = 101, "fill_percent"),
@@ -366,22 +389,25 @@ fn patterns_parse_and_print() {
 #[test]
 #[ignore = "measurement; run in release mode"]
 fn measure_verify_time_for_1_gib() {
-    let mut s = spec("measure-verify", 256 * MIB, Pattern::Uniform);
-    s.memory_bytes = 1 << 30;
-    s.vcpus = 4;
-    let start = Instant::now();
-    let vm = ReferenceVm::boot(s).unwrap();
-    let boot = start.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
-    vm.quiesce().unwrap();
-    let report = vm.verify().unwrap();
-    assert!(report.ok);
-    println!(
-        "1 GiB: boot {:.0} ms, verify {:.1} ms ({} steps replayed)",
-        boot.as_secs_f64() * 1e3,
-        report.elapsed_ms,
-        report.steps.iter().sum::<u64>()
-    );
+    // Paced (few steps to replay), then unpaced for a second (millions of steps).
+    for (rate, run) in [(256 * MIB, 500), (u64::MAX, 1000)] {
+        let mut s = spec("measure-verify", rate, Pattern::Uniform);
+        s.memory_bytes = 1 << 30;
+        s.vcpus = 4;
+        let start = Instant::now();
+        let vm = ReferenceVm::boot(s).unwrap();
+        let boot = start.elapsed();
+        std::thread::sleep(Duration::from_millis(run));
+        vm.quiesce().unwrap();
+        let report = vm.verify().unwrap();
+        assert!(report.ok);
+        println!(
+            "1 GiB: boot {:.0} ms, verify {:.1} ms ({} steps replayed)",
+            boot.as_secs_f64() * 1e3,
+            report.elapsed_ms,
+            report.steps.iter().sum::<u64>()
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,226 @@
+//! Runs one CLI command: turns it into requests, prints the answers, picks the exit code.
+//!
+//! Exit codes: 0 success, 1 failure (an error, a failed verify, a failed migration),
+//! 2 bad usage (clap), 130 interrupted by Ctrl-C.
+
+use anyhow::Context;
+use ferry_dataplane::engine::{MigrationReport, Progress};
+use ferry_dataplane::guest::reference::VerifyReport;
+use serde::Serialize;
+
+use crate::agent::{self, AgentConfig};
+use crate::api::ErrorKind;
+use crate::cli::{Cli, Command, MigrateArgs, VmCommand};
+use crate::client::{Client, ClientError};
+use crate::output::{print_json, render_verify, render_vm_detail, render_vm_table};
+use crate::progress::{render_report, ProgressView};
+use crate::{demo, error_chain, sigint};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+
+/// How output is wanted.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputMode {
+    pub json: bool,
+    pub progress_json: bool,
+}
+
+/// `migrate --json` and each `--progress-json` line.
+#[derive(Serialize)]
+struct ProgressLine<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    progress: &'a Progress,
+}
+
+#[derive(Serialize)]
+struct MigratedJson<'a> {
+    vm: &'a str,
+    to: &'a str,
+    #[serde(flatten)]
+    report: &'a MigrationReport,
+}
+
+#[derive(Serialize)]
+struct VerifiedJson<'a> {
+    vm: &'a str,
+    #[serde(flatten)]
+    report: &'a VerifyReport,
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<ErrorKind>,
+}
+
+/// Runs the command and returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let mode = OutputMode {
+        json: cli.json(),
+        progress_json: cli.progress_json,
+    };
+    let client = Client::new(cli.agent.clone());
+    let result = match cli.command {
+        Command::Agent(args) => agent::run(AgentConfig {
+            listen: args.listen,
+            data_dir: args.data_dir,
+            print_addr: args.print_addr,
+        })
+        .map(|()| EXIT_OK),
+        Command::Vm(command) => vm(&client, command, mode),
+        Command::Migrate(args) => migrate(&client, &args, mode),
+        Command::Cancel { name } => cancel(&client, &name, mode),
+        Command::Demo(args) => demo::run(&args, mode),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            report_error(&err, mode);
+            if sigint::interrupted() {
+                sigint::EXIT_INTERRUPTED
+            } else {
+                EXIT_FAILED
+            }
+        }
+    }
+}
+
+/// Prints a failure: `{"error": …}` on stdout in JSON mode, `error: …` on stderr otherwise.
+pub fn report_error(err: &anyhow::Error, mode: OutputMode) {
+    let message = format!("{err:#}");
+    if mode.json {
+        let kind = err
+            .downcast_ref::<ClientError>()
+            .and_then(ClientError::kind);
+        print_json(&ErrorJson {
+            error: &message,
+            kind,
+        });
+    } else {
+        eprintln!("error: {message}");
+    }
+}
+
+fn vm(client: &Client, command: VmCommand, mode: OutputMode) -> anyhow::Result<i32> {
+    match command {
+        VmCommand::Create(args) => {
+            let vm = client.vm_create(args.vm.spec(&args.name))?;
+            if mode.json {
+                print_json(&vm);
+            } else {
+                print!("created {}\n{}", vm.name, render_vm_detail(&vm));
+            }
+        }
+        VmCommand::List => {
+            let vms = client.vm_list()?;
+            if mode.json {
+                print_json(&serde_json::json!({ "vms": vms }));
+            } else {
+                print!("{}", render_vm_table(&vms));
+            }
+        }
+        VmCommand::Status { name } => {
+            let vm = client.vm_status(&name)?;
+            if mode.json {
+                print_json(&vm);
+            } else {
+                print!("{}", render_vm_detail(&vm));
+            }
+        }
+        VmCommand::Verify { name } => {
+            let report = client.vm_verify(&name)?;
+            if mode.json {
+                print_json(&VerifiedJson {
+                    vm: &name,
+                    report: &report,
+                });
+            } else {
+                print!("{}", render_verify(&name, &report));
+            }
+            return Ok(if report.ok { EXIT_OK } else { EXIT_FAILED });
+        }
+        VmCommand::Destroy { name } => {
+            client.vm_destroy(&name)?;
+            if mode.json {
+                print_json(&serde_json::json!({ "destroyed": name }));
+            } else {
+                println!("destroyed {name}");
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn cancel(client: &Client, name: &str, mode: OutputMode) -> anyhow::Result<i32> {
+    let was_running = client.cancel(name)?;
+    if mode.json {
+        print_json(&serde_json::json!({ "vm": name, "was_running": was_running }));
+    } else if was_running {
+        println!("cancelling the migration of {name}; it fails back to the source");
+    } else {
+        println!("{name} is not migrating");
+    }
+    Ok(EXIT_OK)
+}
+
+/// Follows a migration on `client`'s agent with a progress bar (or JSON lines). Ctrl-C
+/// sends `Cancel`; the agent then fails the migration back and answers with the error.
+pub fn follow_migration(
+    client: &Client,
+    name: &str,
+    to: &str,
+    args: &crate::cli::MigrationArgs,
+    mode: OutputMode,
+) -> anyhow::Result<MigrationReport> {
+    sigint::install(&[libc::SIGINT, libc::SIGTERM]).context("installing the Ctrl-C handler")?;
+    let view = (!mode.json).then(|| ProgressView::new(name, to));
+    let canceller = client.clone();
+    let vm = name.to_string();
+    let notices = view.clone();
+    let notice = move |line: &str| match &notices {
+        Some(view) => view.notice(line),
+        None => eprintln!("{line}"),
+    };
+    let watcher = sigint::Watcher::spawn(move || {
+        notice(&format!(
+            "interrupted: cancelling the migration of {vm} (Ctrl-C again to quit at once)"
+        ));
+        if let Err(err) = canceller.cancel(&vm) {
+            notice(&format!("cancel failed: {}", error_chain(&err)));
+        }
+    })
+    .context("starting the Ctrl-C watcher")?;
+    let result = client.migrate(name, to, args.params(), &mut |progress| {
+        if mode.progress_json {
+            print_json(&ProgressLine {
+                event: "progress",
+                progress,
+            });
+        }
+        if let Some(view) = &view {
+            view.update(progress);
+        }
+    });
+    if let Some(view) = &view {
+        view.finish();
+    }
+    drop(watcher);
+    Ok(result?)
+}
+
+fn migrate(client: &Client, args: &MigrateArgs, mode: OutputMode) -> anyhow::Result<i32> {
+    let report = follow_migration(client, &args.name, &args.to, &args.migration, mode)?;
+    if mode.json {
+        print_json(&MigratedJson {
+            vm: &args.name,
+            to: &args.to,
+            report: &report,
+        });
+    } else {
+        print!("{}", render_report(&args.name, &args.to, &report));
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,51 @@
+//! ferry's control plane: the agent service that hosts VMs and runs both ends of a
+//! migration, and the `ferry` CLI that talks to agents.
+//!
+//! - [`api`]: CLI ↔ agent requests and responses; [`peer`]: what opens a connection and the
+//!   agent ↔ agent migration handshake.
+//! - [`agent`]: the service; [`registry`]: the VMs it hosts; [`migration`]: one migration's
+//!   coordination on either side, around the data plane's engine.
+//! - [`client`]: the CLI's side of the API; [`cli`]: flags; [`commands`]: running them;
+//!   [`progress`] and [`output`]: what people (or scripts, with `--json`) see; [`demo`]:
+//!   two agents and a migration in one command; [`sigint`]: Ctrl-C as a polled flag.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod demo;
+pub mod migration;
+pub mod output;
+pub mod peer;
+pub mod progress;
+pub mod registry;
+pub mod sigint;
+
+/// An error and its sources, `outer: inner: innermost` (Display texts leave sources out).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_walks_sources() {
+        let io = std::io::Error::other("disk on fire");
+        let err = ferry_dataplane::wire::WireError::Io {
+            op: "writing a message",
+            source: io,
+        };
+        assert_eq!(
+            super::error_chain(&err),
+            "i/o error while writing a message: disk on fire"
+        );
+    }
+}

@@ -1,0 +1,406 @@
+//! Destination side: accept a `MigrateIn`, create the incoming VM, gather the data streams
+//! (routed here by session), and hand everything to `migrate_in`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use ferry_dataplane::engine::destination::{migrate_in, DestinationContext};
+use ferry_dataplane::guest::reference::ReferenceVm;
+use ferry_dataplane::transport::tcp::TcpDestination;
+use ferry_dataplane::wire::write_message;
+use tracing::{error, info, warn};
+
+use super::{DATA_STREAMS_TIMEOUT, POLL_INTERVAL};
+use crate::api::VmState;
+use crate::error_chain;
+use crate::peer::{DataStream, DataStreamReply, MigrateIn, MigrateInReply, STREAMS_MAX};
+use crate::registry::Registry;
+
+/// Data connections that arrived for an incoming session not yet started: session → the
+/// channel its acceptor reads them from.
+#[derive(Default)]
+pub struct PendingSessions {
+    sessions: Mutex<HashMap<u64, Sender<(DataStream, TcpStream)>>>,
+}
+
+impl PendingSessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn open(&self, session: u64, streams: u32) -> Option<Receiver<(DataStream, TcpStream)>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.contains_key(&session) {
+            return None;
+        }
+        let (tx, rx) = bounded(streams as usize);
+        sessions.insert(session, tx);
+        Some(rx)
+    }
+
+    fn close(&self, session: u64) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&session);
+    }
+
+    /// Hands a data connection to its session, or refuses it.
+    pub fn route(&self, opening: DataStream, mut stream: TcpStream) {
+        let sender = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&opening.session)
+            .cloned();
+        let refused = match sender {
+            Some(sender) => match sender.try_send((opening, stream)) {
+                Ok(()) => return,
+                Err(err) => {
+                    stream = err.into_inner().1;
+                    "the session has all its data streams already"
+                }
+            },
+            None => "no pending migration with that session (timed out, failed or never accepted)",
+        };
+        warn!(
+            session = format_args!("{:#018x}", opening.session),
+            index = opening.index,
+            reason = refused,
+            "data stream refused"
+        );
+        let _ = write_message(
+            &mut stream,
+            &DataStreamReply::Refused {
+                reason: refused.into(),
+            },
+        );
+    }
+}
+
+/// Removes the pending session however the acceptor leaves.
+struct SessionGuard<'a> {
+    sessions: &'a PendingSessions,
+    session: u64,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.sessions.close(self.session);
+    }
+}
+
+/// Discards the incoming VM unless the migration completed, also when the engine panics.
+struct IncomingGuard<'a> {
+    registry: &'a Registry,
+    name: String,
+    completed: bool,
+}
+
+impl Drop for IncomingGuard<'_> {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        if let Some(vm) = self.registry.remove(&self.name) {
+            vm.shutdown();
+        }
+    }
+}
+
+/// Serves a `MigrateIn` on `control` (called on that connection's thread) until the
+/// migration completes or fails.
+pub fn accept_incoming(
+    registry: &Registry,
+    sessions: &PendingSessions,
+    mut control: TcpStream,
+    request: MigrateIn,
+    shutting_down: &AtomicBool,
+) {
+    let MigrateIn {
+        session,
+        spec,
+        streams,
+    } = request;
+    let name = spec.name.clone();
+    let refuse = |control: &mut TcpStream, reason: String| {
+        warn!(vm = %name, session = format_args!("{session:#018x}"), %reason, "incoming migration refused");
+        let _ = write_message(control, &MigrateInReply::Refused { reason });
+    };
+    if shutting_down.load(Ordering::SeqCst) {
+        return refuse(
+            &mut control,
+            "the destination agent is shutting down".into(),
+        );
+    }
+    if !(1..=STREAMS_MAX).contains(&streams) {
+        return refuse(
+            &mut control,
+            format!("streams must be 1..={STREAMS_MAX}, not {streams}"),
+        );
+    }
+    if let Err(err) = spec.validate() {
+        return refuse(&mut control, error_chain(&err));
+    }
+    let cancel = match registry.reserve(&spec, VmState::Incoming) {
+        Ok(cancel) => cancel,
+        Err(_) => {
+            return refuse(
+                &mut control,
+                format!("a VM named {name:?} already exists there"),
+            )
+        }
+    };
+    let mut guard = IncomingGuard {
+        registry,
+        name: name.clone(),
+        completed: false,
+    };
+    let vm = match ReferenceVm::incoming(spec) {
+        Ok(vm) => Arc::new(vm),
+        Err(err) => {
+            return refuse(
+                &mut control,
+                format!("creating the incoming VM failed: {}", error_chain(&err)),
+            )
+        }
+    };
+    registry.attach(&name, Arc::clone(&vm));
+    let Some(arrivals) = sessions.open(session, streams) else {
+        return refuse(
+            &mut control,
+            format!("session {session:#018x} is already in use"),
+        );
+    };
+    let session_guard = SessionGuard { sessions, session };
+    if let Err(err) = write_message(
+        &mut control,
+        &MigrateInReply::Accepted {
+            prefault_ms: vm.prefault_ms(),
+        },
+    ) {
+        warn!(vm = %name, error = %error_chain(&err), "the source agent went away before the data streams");
+        return;
+    }
+    info!(vm = %name, session = format_args!("{session:#018x}"), streams, prefault_ms = vm.prefault_ms(), "incoming migration accepted");
+
+    let data = match gather_streams(&control, &arrivals, streams, &cancel) {
+        Ok(data) => data,
+        Err(reason) => {
+            warn!(vm = %name, %reason, "incoming migration abandoned before the transfer");
+            return;
+        }
+    };
+    drop(session_guard);
+    let transport = match TcpDestination::new(data) {
+        Ok(transport) => Box::new(transport),
+        Err(err) => {
+            warn!(vm = %name, error = %error_chain(&err), "incoming migration: transport setup failed");
+            return;
+        }
+    };
+    let ctx = DestinationContext {
+        guest: vm.as_ref(),
+        control,
+        transport,
+        cancel: &cancel,
+    };
+    match migrate_in(ctx) {
+        Ok(report) => {
+            registry.set_state(&name, VmState::Running);
+            guard.completed = true;
+            info!(vm = %name, pages_received = report.pages_received, rounds = report.rounds, "incoming migration completed; VM runs here");
+        }
+        // The engine resumes the guest only after the source's Commit; an error after that
+        // (telling the source `Resumed` failed) must not discard the only running copy.
+        Err(err) if vm.status().running => {
+            registry.set_state(&name, VmState::Running);
+            guard.completed = true;
+            error!(vm = %name, error = %error_chain(&err),
+                "incoming migration reported an error after the VM was resumed here; keeping it (the source committed)");
+        }
+        Err(err) => {
+            warn!(vm = %name, error = %error_chain(&err), "incoming migration failed; discarding the incoming VM");
+        }
+    }
+}
+
+/// Waits for every data stream of the session, answering each, in index order.
+fn gather_streams(
+    control: &TcpStream,
+    arrivals: &Receiver<(DataStream, TcpStream)>,
+    streams: u32,
+    cancel: &AtomicBool,
+) -> Result<Vec<TcpStream>, String> {
+    let deadline = Instant::now() + DATA_STREAMS_TIMEOUT;
+    let mut slots: Vec<Option<TcpStream>> = (0..streams).map(|_| None).collect();
+    let mut attached = 0;
+    while attached < streams {
+        if cancel.load(Ordering::SeqCst) {
+            return Err("cancelled".into());
+        }
+        if peer_closed(control) {
+            return Err("the source agent closed the control connection".into());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "only {attached} of {streams} data streams arrived within {} s",
+                DATA_STREAMS_TIMEOUT.as_secs()
+            ));
+        }
+        let (opening, mut stream) = match arrivals.recv_timeout(POLL_INTERVAL.min(deadline - now)) {
+            Ok(arrival) => arrival,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Err("the session was closed".into()),
+        };
+        let slot = slots.get_mut(opening.index as usize);
+        let reason = match slot {
+            Some(slot @ None) => {
+                write_message(&mut stream, &DataStreamReply::Attached).map_err(|e| {
+                    format!(
+                        "answering data stream {}: {}",
+                        opening.index,
+                        error_chain(&e)
+                    )
+                })?;
+                *slot = Some(stream);
+                attached += 1;
+                continue;
+            }
+            Some(Some(_)) => format!("data stream {} arrived twice", opening.index),
+            None => format!(
+                "data stream index {} is outside 0..{streams}",
+                opening.index
+            ),
+        };
+        let _ = write_message(
+            &mut stream,
+            &DataStreamReply::Refused {
+                reason: reason.clone(),
+            },
+        );
+        return Err(reason);
+    }
+    Ok(slots
+        .into_iter()
+        .map(|s| s.expect("every slot is filled"))
+        .collect())
+}
+
+/// True when the peer has closed (or reset) `stream`; never consumes data.
+fn peer_closed(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let closed = match stream.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => !matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferry_dataplane::wire::read_message;
+
+    use super::*;
+    use crate::migration::tcp_pair as pair;
+    use crate::peer::PEER_MESSAGE_LEN_MAX;
+
+    #[test]
+    fn peer_closed_sees_eof_but_not_pending_data() {
+        let (mut a, b) = pair();
+        assert!(!peer_closed(&b));
+        io::Write::write_all(&mut a, b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!peer_closed(&b));
+        drop(a);
+        std::thread::sleep(Duration::from_millis(20));
+        // Pending data is still readable, so the connection does not look closed yet.
+        assert!(!peer_closed(&b));
+        let (_a2, b2) = pair();
+        drop(_a2);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(peer_closed(&b2));
+    }
+
+    #[test]
+    fn data_streams_are_attached_in_index_order_and_unknown_sessions_refused() {
+        let sessions = PendingSessions::new();
+        let arrivals = sessions.open(7, 2).unwrap();
+        assert!(
+            sessions.open(7, 2).is_none(),
+            "a session number is used once"
+        );
+        let (control_src, control_dst) = pair();
+        let (mut s1, d1) = pair();
+        let (mut s0, d0) = pair();
+        sessions.route(
+            DataStream {
+                session: 7,
+                index: 1,
+            },
+            d1,
+        );
+        sessions.route(
+            DataStream {
+                session: 7,
+                index: 0,
+            },
+            d0,
+        );
+        let (mut stray, stray_dst) = pair();
+        sessions.route(
+            DataStream {
+                session: 8,
+                index: 0,
+            },
+            stray_dst,
+        );
+        assert!(matches!(
+            read_message::<DataStreamReply>(&mut stray, PEER_MESSAGE_LEN_MAX).unwrap(),
+            DataStreamReply::Refused { .. }
+        ));
+
+        let cancel = AtomicBool::new(false);
+        let data = gather_streams(&control_dst, &arrivals, 2, &cancel).unwrap();
+        for s in [&mut s0, &mut s1] {
+            assert_eq!(
+                read_message::<DataStreamReply>(s, PEER_MESSAGE_LEN_MAX).unwrap(),
+                DataStreamReply::Attached
+            );
+        }
+        // Index 0 first: its peer is s0.
+        assert_eq!(data[0].peer_addr().unwrap(), s0.local_addr().unwrap());
+        assert_eq!(data[1].peer_addr().unwrap(), s1.local_addr().unwrap());
+        sessions.close(7);
+        drop(control_src);
+    }
+
+    #[test]
+    fn gathering_stops_when_the_source_goes_away() {
+        let sessions = PendingSessions::new();
+        let arrivals = sessions.open(9, 1).unwrap();
+        let (control_src, control_dst) = pair();
+        drop(control_src);
+        let cancel = AtomicBool::new(false);
+        let started = Instant::now();
+        let err = gather_streams(&control_dst, &arrivals, 1, &cancel).unwrap_err();
+        assert!(err.contains("closed the control connection"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}

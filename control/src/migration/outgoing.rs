@@ -1,0 +1,458 @@
+//! Source side: connect to the destination agent, hand the sockets to `migrate_out`, and
+//! settle the registry with the outcome.
+
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use ferry_dataplane::engine::source::{migrate_out, SourceContext};
+use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
+use ferry_dataplane::guest::reference::ReferenceVm;
+use ferry_dataplane::guest::Guest;
+use ferry_dataplane::memory::tracker::{FullTracker, UffdWpTracker};
+use ferry_dataplane::memory::{DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::transport::tcp::TcpSource;
+use ferry_dataplane::transport::TransportError;
+use ferry_dataplane::wire::{read_message, write_message, WireError};
+use tracing::{error, info, warn};
+
+use super::{
+    ACCEPT_TIMEOUT_BASE, ACCEPT_TIMEOUT_PER_GIB, CONNECT_TIMEOUT, DATA_STREAMS_TIMEOUT,
+    FINAL_SEND_TIMEOUT, POLL_INTERVAL, PROGRESS_INTERVAL,
+};
+use crate::api::{ErrorKind, Response, VmState};
+use crate::error_chain;
+use crate::peer::{
+    new_session_id, DataStream, DataStreamReply, MigrateIn, MigrateInReply, Opening,
+    PEER_MESSAGE_LEN_MAX,
+};
+use crate::registry::{Outgoing, Registry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutgoingError {
+    #[error("cannot reach the destination agent at {to}")]
+    Connect { to: String, source: io::Error },
+    #[error("handshake with the destination agent at {to} failed while {step}")]
+    Handshake {
+        to: String,
+        step: &'static str,
+        source: WireError,
+    },
+    #[error("the destination agent at {to} refused the migration: {reason}")]
+    Refused { to: String, reason: String },
+    #[error("the destination agent at {to} refused data stream {index}: {reason}")]
+    StreamRefused {
+        to: String,
+        index: u32,
+        reason: String,
+    },
+    #[error("socket setup failed while {op}")]
+    Socket { op: &'static str, source: io::Error },
+    #[error("cancelled before the transfer started")]
+    Cancelled,
+    #[error("dirty tracking could not be set up")]
+    Tracker(#[source] TrackerError),
+    #[error("the TCP transport could not be set up")]
+    Transport(#[source] TransportError),
+    #[error("migration engine failed")]
+    Engine(#[source] EngineError),
+    #[error("the migration engine panicked: {message}")]
+    EnginePanicked { message: String },
+}
+
+/// An outgoing migration as the `Migrate` request asked for it.
+#[derive(Clone, Debug)]
+pub struct OutgoingRequest {
+    pub to: String,
+    pub params: MigrationParams,
+    /// When the agent received the request: the report's `total_ms` counts from here.
+    pub started: Instant,
+}
+
+/// Runs one outgoing migration to its end (called on the migration's own thread) and
+/// updates the registry with the outcome. `events` gets progress and one final response;
+/// nobody listening changes nothing.
+pub fn run_outgoing(
+    registry: &Registry,
+    outgoing: Outgoing,
+    request: OutgoingRequest,
+    events: Sender<Response>,
+) {
+    let Outgoing { vm, cancel } = outgoing;
+    let name = vm.spec().name.clone();
+    let to = request.to.clone();
+    let _ = events.try_send(Response::Progress(Progress {
+        phase: Some(Phase::Prepare),
+        elapsed_ms: request.started.elapsed().as_millis() as u64,
+        ..Progress::default()
+    }));
+    let result = migrate(&vm, &cancel, &request, &events);
+    let answer = match result {
+        Ok(report) => {
+            // The VM runs on the destination; this copy stays quiesced and is discarded.
+            registry.remove(&name);
+            vm.shutdown();
+            info!(
+                vm = %name, %to, total_ms = report.total_ms, downtime_ms = report.downtime_ms,
+                bytes_sent = report.bytes_sent, rounds = report.rounds, "migration completed; VM handed over"
+            );
+            Response::Migrated(report)
+        }
+        Err(OutgoingError::Engine(err @ EngineError::LostAfterCommit { .. })) => {
+            // Past the commit point the source must never run the VM again, whatever the
+            // destination did: drop it here, and say so loudly.
+            registry.remove(&name);
+            vm.shutdown();
+            let chain = error_chain(&err);
+            error!(vm = %name, %to, error = %chain,
+                "VM HANDED OVER BUT NOT CONFIRMED: the source has discarded its copy; check the destination agent");
+            Response::error(
+                ErrorKind::MigrationFailed,
+                format!("migration of {name:?} to {to} passed the commit point but the destination did not confirm ({chain}); the source no longer runs it: check the destination"),
+            )
+        }
+        Err(err @ OutgoingError::EnginePanicked { .. }) => {
+            // Where the engine stopped is unknown: keep the VM here but do not resume it.
+            registry.set_state(&name, VmState::Running);
+            error!(vm = %name, %to, error = %err, "migration engine panicked; VM kept on the source, not resumed");
+            Response::error(
+                ErrorKind::MigrationFailed,
+                format!("migration of {name:?} to {to} failed: {err}; the VM is kept on this agent but may be paused"),
+            )
+        }
+        Err(err) => {
+            // Before the commit point: the VM never left (the engine resumed it if it had
+            // quiesced it).
+            registry.set_state(&name, VmState::Running);
+            let chain = error_chain(&err);
+            warn!(vm = %name, %to, error = %chain, "migration failed; VM keeps running on the source");
+            Response::error(
+                ErrorKind::MigrationFailed,
+                format!("migration of {name:?} to {to} failed: {chain}; the VM keeps running on the source"),
+            )
+        }
+    };
+    let _ = events.send_timeout(answer, FINAL_SEND_TIMEOUT);
+}
+
+fn migrate(
+    vm: &Arc<ReferenceVm>,
+    cancel: &AtomicBool,
+    request: &OutgoingRequest,
+    events: &Sender<Response>,
+) -> Result<MigrationReport, OutgoingError> {
+    let to = request.to.as_str();
+    let spec = vm.spec().clone();
+    let session = new_session_id();
+    let streams = request.params.streams as u32;
+    info!(vm = %spec.name, %to, session = format_args!("{session:#018x}"), streams, "starting outgoing migration");
+
+    let handshake = |step| {
+        move |source| OutgoingError::Handshake {
+            to: to.to_string(),
+            step,
+            source,
+        }
+    };
+    let mut control = connect(to)?;
+    write_message(
+        &mut control,
+        &Opening::MigrateIn(MigrateIn {
+            session,
+            spec,
+            streams,
+        }),
+    )
+    .map_err(handshake("sending MigrateIn"))?;
+    let gib = spec_memory_gib(vm.spec().memory_bytes);
+    let accept_deadline = Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
+    wait_readable(&control, accept_deadline, cancel, to)?;
+    set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
+    let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
+        .map_err(handshake("waiting for the answer to MigrateIn"))?
+    {
+        MigrateInReply::Accepted { prefault_ms } => prefault_ms,
+        MigrateInReply::Refused { reason } => {
+            return Err(OutgoingError::Refused {
+                to: to.into(),
+                reason,
+            })
+        }
+    };
+    let mut data = Vec::with_capacity(streams as usize);
+    for index in 0..streams {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(OutgoingError::Cancelled);
+        }
+        data.push(open_data_stream(to, session, index)?);
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return Err(OutgoingError::Cancelled);
+    }
+    // The engine does its own waiting with deadlines; leftover socket timeouts would turn
+    // its blocking reads into spurious errors.
+    for stream in std::iter::once(&control).chain(&data) {
+        set_read_timeout(stream, None)?;
+        stream
+            .set_write_timeout(None)
+            .map_err(|source| OutgoingError::Socket {
+                op: "clearing the write timeout",
+                source,
+            })?;
+    }
+
+    let mut tracker = make_tracker(vm.memory())?;
+    let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
+    let mut throttle = ProgressThrottle::new(PROGRESS_INTERVAL);
+    let mut on_progress = |progress: &Progress| {
+        if throttle.admit(progress, Instant::now()) {
+            let _ = events.try_send(Response::Progress(progress.clone()));
+        }
+    };
+    let ctx = SourceContext {
+        guest: vm.as_ref(),
+        tracker: tracker.as_mut(),
+        control,
+        transport,
+        params: &request.params,
+        started: request.started,
+        prefault_ms,
+        cancel,
+    };
+    match catch_unwind(AssertUnwindSafe(|| migrate_out(ctx, &mut on_progress))) {
+        Ok(result) => result.map_err(OutgoingError::Engine),
+        Err(panic) => Err(OutgoingError::EnginePanicked {
+            message: panic_message(&panic),
+        }),
+    }
+}
+
+/// Kernel write tracking where the host has it; otherwise every page every round (pre-copy
+/// then relies on the round and time bounds to stop).
+fn make_tracker(memory: &Arc<GuestMemory>) -> Result<Box<dyn DirtyTracker>, OutgoingError> {
+    match UffdWpTracker::new(Arc::clone(memory)) {
+        Ok(tracker) => Ok(Box::new(tracker)),
+        Err(err @ TrackerError::Unsupported { .. }) => {
+            warn!(error = %err, "kernel write tracking unavailable; falling back to sending every page each round");
+            Ok(Box::new(FullTracker::new(memory.pages())))
+        }
+        Err(err) => Err(OutgoingError::Tracker(err)),
+    }
+}
+
+fn connect(to: &str) -> Result<TcpStream, OutgoingError> {
+    let connect_err = |source| OutgoingError::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let addrs: Vec<_> = to.to_socket_addrs().map_err(connect_err)?.collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                stream
+                    .set_nodelay(true)
+                    .map_err(|source| OutgoingError::Socket {
+                        op: "setting TCP_NODELAY",
+                        source,
+                    })?;
+                stream
+                    .set_write_timeout(Some(DATA_STREAMS_TIMEOUT))
+                    .map_err(|source| OutgoingError::Socket {
+                        op: "setting a write timeout",
+                        source,
+                    })?;
+                return Ok(stream);
+            }
+            Err(err) => last = err,
+        }
+    }
+    Err(connect_err(last))
+}
+
+/// Whole GiB of guest memory, rounded up.
+fn spec_memory_gib(memory_bytes: u64) -> u32 {
+    u32::try_from(memory_bytes.div_ceil(1 << 30)).unwrap_or(u32::MAX)
+}
+
+/// Waits until `stream` has something to read, watching the cancel flag (a read with a
+/// timeout could stop in the middle of a message and lose its framing; a peek cannot).
+fn wait_readable(
+    stream: &TcpStream,
+    deadline: Instant,
+    cancel: &AtomicBool,
+    to: &str,
+) -> Result<(), OutgoingError> {
+    let mut byte = [0u8; 1];
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(OutgoingError::Cancelled);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let source = WireError::Io {
+                op: "waiting for the destination to prepare",
+                source: io::Error::new(io::ErrorKind::TimedOut, "no answer in time"),
+            };
+            return Err(OutgoingError::Handshake {
+                to: to.into(),
+                step: "waiting for the answer to MigrateIn",
+                source,
+            });
+        }
+        set_read_timeout(stream, Some(POLL_INTERVAL.min(deadline - now)))?;
+        match stream.peek(&mut byte) {
+            // Data, or end of stream: either way the read that follows will tell.
+            Ok(_) => return Ok(()),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(source) => {
+                let source = WireError::Io {
+                    op: "waiting for the destination to prepare",
+                    source,
+                };
+                return Err(OutgoingError::Handshake {
+                    to: to.into(),
+                    step: "waiting for the answer to MigrateIn",
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn set_read_timeout(stream: &TcpStream, timeout: Option<Duration>) -> Result<(), OutgoingError> {
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|source| OutgoingError::Socket {
+            op: "setting a read timeout",
+            source,
+        })
+}
+
+fn open_data_stream(to: &str, session: u64, index: u32) -> Result<TcpStream, OutgoingError> {
+    let mut stream = connect(to)?;
+    let handshake = |step| {
+        move |source| OutgoingError::Handshake {
+            to: to.to_string(),
+            step,
+            source,
+        }
+    };
+    write_message(
+        &mut stream,
+        &Opening::DataStream(DataStream { session, index }),
+    )
+    .map_err(handshake("opening a data stream"))?;
+    set_read_timeout(&stream, Some(DATA_STREAMS_TIMEOUT))?;
+    match read_message(&mut stream, PEER_MESSAGE_LEN_MAX)
+        .map_err(handshake("waiting for a data stream to attach"))?
+    {
+        DataStreamReply::Attached => Ok(stream),
+        DataStreamReply::Refused { reason } => Err(OutgoingError::StreamRefused {
+            to: to.into(),
+            index,
+            reason,
+        }),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+/// Lets a progress snapshot through when the phase or round changed, or when `interval` has
+/// passed since the last one let through.
+pub struct ProgressThrottle {
+    interval: Duration,
+    last: Option<(Instant, Option<Phase>, u32)>,
+}
+
+impl ProgressThrottle {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+        }
+    }
+
+    pub fn admit(&mut self, progress: &Progress, now: Instant) -> bool {
+        let admit = match self.last {
+            None => true,
+            Some((at, phase, round)) => {
+                phase != progress.phase
+                    || round != progress.round
+                    || now.duration_since(at) >= self.interval
+            }
+        };
+        if admit {
+            self.last = Some((now, progress.phase, progress.round));
+        }
+        admit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::tcp_pair as pair;
+
+    fn progress(phase: Phase, round: u32) -> Progress {
+        Progress {
+            phase: Some(phase),
+            round,
+            ..Progress::default()
+        }
+    }
+
+    #[test]
+    fn throttle_lets_through_phase_and_round_changes_and_every_interval() {
+        let mut throttle = ProgressThrottle::new(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(throttle.admit(&progress(Phase::Prepare, 0), at(0)));
+        assert!(!throttle.admit(&progress(Phase::Prepare, 0), at(10)));
+        assert!(throttle.admit(&progress(Phase::MemoryPreCopy, 0), at(20)));
+        assert!(!throttle.admit(&progress(Phase::MemoryPreCopy, 0), at(100)));
+        assert!(throttle.admit(&progress(Phase::MemoryPreCopy, 1), at(110)));
+        assert!(!throttle.admit(&progress(Phase::MemoryPreCopy, 1), at(300)));
+        assert!(throttle.admit(&progress(Phase::MemoryPreCopy, 1), at(310)));
+        assert!(throttle.admit(&progress(Phase::Done, 1), at(311)));
+    }
+
+    #[test]
+    fn waiting_for_the_destination_sees_data_cancel_and_deadline() {
+        let (mut a, b) = pair();
+        let cancel = AtomicBool::new(false);
+        let soon = || Instant::now() + Duration::from_millis(300);
+        assert!(matches!(
+            wait_readable(&b, soon(), &cancel, "x"),
+            Err(OutgoingError::Handshake { .. })
+        ));
+        io::Write::write_all(&mut a, b"x").unwrap();
+        wait_readable(&b, soon(), &cancel, "x").unwrap();
+        let (_a2, b2) = pair();
+        cancel.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            wait_readable(&b2, soon(), &cancel, "x"),
+            Err(OutgoingError::Cancelled)
+        ));
+        assert_eq!(spec_memory_gib(1), 1);
+        assert_eq!(spec_memory_gib(16 << 30), 16);
+    }
+}
