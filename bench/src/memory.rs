@@ -503,3 +503,25 @@ pub fn print(results: &MemoryResults) {
          A FAILED row dropped the runs that did not verify from its medians.\n"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_baseline_streams_cover_every_page_once_as_the_engine_maps_them() {
+        // 3.5 blocks over 3 streams: a partial last block and uneven shares.
+        let pages = 3 * BLOCK_PAGES + BLOCK_PAGES / 2;
+        let mut owner = vec![None; pages];
+        for stream in 0..3 {
+            for (first, count) in blocks_of(stream, 3, pages) {
+                for (page, slot) in owner.iter_mut().enumerate().skip(first).take(count) {
+                    assert_eq!(*slot, None, "page {page} carried twice");
+                    assert_eq!(stream_for_page(page, 3), stream);
+                    *slot = Some(stream);
+                }
+            }
+        }
+        assert!(owner.iter().all(Option::is_some));
+    }
+}
