@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod guest;
+pub mod hash;
 pub mod memory;
 pub mod transport;
 pub mod units;

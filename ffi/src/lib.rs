@@ -60,7 +60,9 @@ pub unsafe extern "C" fn ferry_parse_size(text: *const c_char, out_bytes: *mut u
     }
     // SAFETY: text is non-NULL and NUL-terminated per the function's contract.
     let text = unsafe { CStr::from_ptr(text) };
-    let Ok(text) = text.to_str() else { return FerryStatus::InvalidArgument };
+    let Ok(text) = text.to_str() else {
+        return FerryStatus::InvalidArgument;
+    };
     match ferry_dataplane::units::parse_size(text) {
         Ok(bytes) => {
             // SAFETY: out_bytes is non-NULL and valid for a u64 write per the contract.
@@ -82,13 +84,27 @@ mod tests {
         assert!(HEADER.contains(&format!("#define FERRY_ABI_VERSION {FERRY_ABI_VERSION}")));
         for (name, value) in [
             ("FERRY_OK", FerryStatus::Ok as i32),
-            ("FERRY_INVALID_ARGUMENT", FerryStatus::InvalidArgument as i32),
+            (
+                "FERRY_INVALID_ARGUMENT",
+                FerryStatus::InvalidArgument as i32,
+            ),
             ("FERRY_UNSUPPORTED", FerryStatus::Unsupported as i32),
         ] {
-            assert!(HEADER.contains(&format!("{name} = {value},")), "{name} = {value} missing from ferry.h");
+            assert!(
+                HEADER.contains(&format!("{name} = {value},")),
+                "{name} = {value} missing from ferry.h"
+            );
         }
-        for function in ["ferry_abi_version", "ferry_status_str", "ferry_dirty_tracking_supported", "ferry_parse_size"] {
-            assert!(HEADER.contains(&format!("{function}(")), "{function} missing from ferry.h");
+        for function in [
+            "ferry_abi_version",
+            "ferry_status_str",
+            "ferry_dirty_tracking_supported",
+            "ferry_parse_size",
+        ] {
+            assert!(
+                HEADER.contains(&format!("{function}(")),
+                "{function} missing from ferry.h"
+            );
         }
     }
 
@@ -100,12 +116,14 @@ mod tests {
         assert_eq!(s.to_str().unwrap(), "unsupported on this host");
         let mut out = 0u64;
         // SAFETY: a valid C string and a valid u64 out-pointer.
-        assert_eq!(unsafe { ferry_parse_size(c"1G".as_ptr(), &mut out) }, FerryStatus::Ok);
-        assert_eq!(out, 1 << 30);
-        // SAFETY: as above; NULL is allowed and refused.
-        assert_eq!(unsafe { ferry_parse_size(c"nonsense".as_ptr(), &mut out) }, FerryStatus::InvalidArgument);
-        // SAFETY: NULL pointers are part of the contract and refused.
-        assert_eq!(unsafe { ferry_parse_size(std::ptr::null(), &mut out) }, FerryStatus::InvalidArgument);
+        let parsed = unsafe { ferry_parse_size(c"1G".as_ptr(), &mut out) };
+        assert_eq!((parsed, out), (FerryStatus::Ok, 1 << 30));
+        // SAFETY: as above.
+        let refused = unsafe { ferry_parse_size(c"nonsense".as_ptr(), &mut out) };
+        assert_eq!(refused, FerryStatus::InvalidArgument);
+        // SAFETY: NULL is part of the contract and refused.
+        let null = unsafe { ferry_parse_size(std::ptr::null(), &mut out) };
+        assert_eq!(null, FerryStatus::InvalidArgument);
         assert_eq!(ferry_dirty_tracking_supported(), FerryStatus::Ok);
     }
 }

@@ -11,7 +11,10 @@ use serde_json::Value;
 /// The `ferry` binary of this build (`target/<profile>/ferry`, next to `deps/`).
 pub fn ferry_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("ferry");
     assert!(
         bin.exists(),
@@ -33,7 +36,13 @@ impl Agent {
     pub fn start() -> Agent {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new(ferry_bin())
-            .args(["agent", "--listen", "127.0.0.1:0", "--print-addr", "--data-dir"])
+            .args([
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--print-addr",
+                "--data-dir",
+            ])
             .arg(data_dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -41,14 +50,28 @@ impl Agent {
             .expect("spawn ferry agent");
         let stdout = child.stdout.take().expect("agent stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("agent prints its address");
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-        Agent { child, addr, _data_dir: data_dir }
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("agent prints its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Agent {
+            child,
+            addr,
+            _data_dir: data_dir,
+        }
     }
 
     /// Runs `ferry --agent <this> --json ARGS` and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(ferry_bin()).args(["--agent", &self.addr, "--json"]).args(args).output().expect("run ferry")
+        Command::new(ferry_bin())
+            .args(["--agent", &self.addr, "--json"])
+            .args(args)
+            .output()
+            .expect("run ferry")
     }
 
     /// Runs a command that must succeed and returns its JSON.
@@ -67,7 +90,9 @@ impl Agent {
     /// Total vCPU steps of a VM on this agent.
     pub fn total_steps(&self, vm: &str) -> u64 {
         let status = self.json(&["vm", "status", vm]);
-        status["total_steps"].as_u64().unwrap_or_else(|| panic!("no total_steps in {status}"))
+        status["total_steps"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no total_steps in {status}"))
     }
 
     /// Asserts that the VM's step counters keep increasing here.
@@ -80,7 +105,11 @@ impl Agent {
             if after > before {
                 return;
             }
-            assert!(Instant::now() < deadline, "{vm} is not running on {}: steps stay at {before}", self.addr);
+            assert!(
+                Instant::now() < deadline,
+                "{vm} is not running on {}: steps stay at {before}",
+                self.addr
+            );
         }
     }
 
@@ -114,6 +143,13 @@ impl Drop for Agent {
 pub fn parse_json(stdout: &[u8]) -> Value {
     let text = String::from_utf8_lossy(stdout);
     serde_json::from_str(text.trim())
-        .or_else(|_| serde_json::from_str(text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")))
+        .or_else(|_| {
+            serde_json::from_str(
+                text.lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or(""),
+            )
+        })
         .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }

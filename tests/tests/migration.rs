@@ -12,24 +12,62 @@ use ferry_tests::{ferry_bin, parse_json, Agent};
 fn migrate_and_verify(pattern: &str) {
     let (a, b) = (Agent::start(), Agent::start());
     let vm = format!("vm-{pattern}");
-    a.json(&["vm", "create", &vm, "--memory", "1G", "--vcpus", "2", "--dirty-rate", "200MB/s", "--pattern", pattern]);
+    a.json(&[
+        "vm",
+        "create",
+        &vm,
+        "--memory",
+        "1G",
+        "--vcpus",
+        "2",
+        "--dirty-rate",
+        "200MB/s",
+        "--pattern",
+        pattern,
+    ]);
     std::thread::sleep(Duration::from_millis(300));
     let steps_on_source = a.total_steps(&vm);
     let report = a.json(&["migrate", &vm, "--to", &b.addr, "--streams", "4"]);
-    for field in ["total_ms", "downtime_ms", "bytes_sent", "rounds", "throughput_bytes_per_s"] {
-        assert!(report[field].as_f64().is_some_and(|v| v > 0.0), "{field} missing or zero in {report}");
+    for field in [
+        "total_ms",
+        "downtime_ms",
+        "bytes_sent",
+        "rounds",
+        "throughput_bytes_per_s",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} missing or zero in {report}"
+        );
     }
     assert_eq!(report["transport"], "tcp", "{report}");
-    assert!(report["bytes_sent"].as_u64().unwrap() >= 1 << 30, "round 0 sends the whole memory: {report}");
+    assert!(
+        report["bytes_sent"].as_u64().unwrap() >= 1 << 30,
+        "round 0 sends the whole memory: {report}"
+    );
     assert!(report["downtime_ms"].as_f64().unwrap() < report["total_ms"].as_f64().unwrap());
 
-    assert!(!a.vm_names().contains(&vm), "the source still hosts {vm} after the hand-over");
+    assert!(
+        !a.vm_names().contains(&vm),
+        "the source still hosts {vm} after the hand-over"
+    );
     assert_eq!(b.vm_names(), vec![vm.clone()]);
     let verify = b.verify(&vm);
-    assert_eq!(verify["ok"], true, "verify failed on the destination: {verify}");
+    assert_eq!(
+        verify["ok"], true,
+        "verify failed on the destination: {verify}"
+    );
     assert_eq!(verify["pages_checked"], (1u64 << 30) / 4096);
-    let steps_verified: u64 = verify["steps"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).sum();
-    assert!(steps_verified > steps_on_source, "destination state is older than the source's before migration");
+    let steps_verified: u64 = verify["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .sum();
+    assert!(
+        steps_verified > steps_on_source,
+        "destination state is older than the source's before migration"
+    );
     b.assert_running(&vm);
     // And the continued run verifies too.
     let again = b.verify(&vm);
@@ -54,10 +92,29 @@ fn one_gib_sweep_at_200_mb_s_over_4_streams() {
 #[test]
 fn cancel_during_precopy_leaves_the_vm_running_and_verifiable_on_the_source() {
     let (a, b) = (Agent::start(), Agent::start());
-    a.json(&["vm", "create", "c1", "--memory", "256M", "--dirty-rate", "50MB/s"]);
+    a.json(&[
+        "vm",
+        "create",
+        "c1",
+        "--memory",
+        "256M",
+        "--dirty-rate",
+        "50MB/s",
+    ]);
     // A bandwidth cap makes round 0 take ~5 s, so the cancel lands in pre-copy.
     let mut migrate = Command::new(ferry_bin())
-        .args(["--agent", &a.addr, "--json", "migrate", "c1", "--to", &b.addr, "--max-bandwidth", "50MB/s", "--progress-json"])
+        .args([
+            "--agent",
+            &a.addr,
+            "--json",
+            "migrate",
+            "c1",
+            "--to",
+            &b.addr,
+            "--max-bandwidth",
+            "50MB/s",
+            "--progress-json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -67,16 +124,24 @@ fn cancel_during_precopy_leaves_the_vm_running_and_verifiable_on_the_source() {
     loop {
         let line = lines.next().expect("progress before the end").unwrap();
         let progress = parse_json(line.as_bytes());
-        if progress["phase"] == "MemoryPreCopy" && progress["round_pages_sent"].as_u64().unwrap_or(0) > 0 {
+        if progress["phase"] == "MemoryPreCopy"
+            && progress["round_pages_sent"].as_u64().unwrap_or(0) > 0
+        {
             break;
         }
         assert!(Instant::now() < deadline, "pre-copy never started");
     }
     let cancel = a.json(&["cancel", "c1"]);
-    assert!(cancel.to_string().contains("true"), "cancel should report a running migration: {cancel}");
+    assert!(
+        cancel.to_string().contains("true"),
+        "cancel should report a running migration: {cancel}"
+    );
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = migrate.wait().unwrap();
-    assert!(!status.success(), "a cancelled migration must exit non-zero; output: {rest:?}");
+    assert!(
+        !status.success(),
+        "a cancelled migration must exit non-zero; output: {rest:?}"
+    );
 
     assert_eq!(a.vm_names(), vec!["c1".to_string()]);
     a.assert_running("c1");
@@ -85,7 +150,11 @@ fn cancel_during_precopy_leaves_the_vm_running_and_verifiable_on_the_source() {
     // The destination discarded its half.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !b.vm_names().is_empty() {
-        assert!(Instant::now() < deadline, "destination still holds the incoming VM: {:?}", b.vm_names());
+        assert!(
+            Instant::now() < deadline,
+            "destination still holds the incoming VM: {:?}",
+            b.vm_names()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -93,14 +162,32 @@ fn cancel_during_precopy_leaves_the_vm_running_and_verifiable_on_the_source() {
 #[test]
 fn demo_migrates_and_verifies() {
     let out = Command::new(ferry_bin())
-        .args(["--json", "demo", "--memory", "256M", "--dirty-rate", "100MB/s"])
+        .args([
+            "--json",
+            "demo",
+            "--memory",
+            "256M",
+            "--dirty-rate",
+            "100MB/s",
+        ])
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let report = parse_json(&out.stdout);
     assert_eq!(report["verified"], true, "{report}");
-    for field in ["total_ms", "downtime_ms", "bytes_sent", "rounds", "throughput_bytes_per_s", "transport"] {
+    for field in [
+        "total_ms",
+        "downtime_ms",
+        "bytes_sent",
+        "rounds",
+        "throughput_bytes_per_s",
+        "transport",
+    ] {
         assert!(report.get(field).is_some(), "{field} missing from {report}");
     }
     assert!(report["bytes_sent"].as_u64().unwrap() >= 256 << 20);
@@ -109,13 +196,32 @@ fn demo_migrates_and_verifies() {
 #[test]
 fn migrating_to_an_agent_that_is_not_there_fails_back() {
     let a = Agent::start();
-    a.json(&["vm", "create", "lonely", "--memory", "64M", "--dirty-rate", "10MB/s"]);
+    a.json(&[
+        "vm",
+        "create",
+        "lonely",
+        "--memory",
+        "64M",
+        "--dirty-rate",
+        "10MB/s",
+    ]);
     // Bind and drop a listener to get a loopback port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let out = a.run(&["migrate", "lonely", "--to", &dead]);
     assert!(!out.status.success());
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.to_lowercase().contains("connect"), "the error should say the connection failed: {text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.to_lowercase().contains("connect"),
+        "the error should say the connection failed: {text}"
+    );
     a.assert_running("lonely");
     assert_eq!(a.verify("lonely")["ok"], true);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use ferry_dataplane::engine::source::{migrate_out, SourceContext};
+use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
 use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::Guest;
@@ -158,54 +158,100 @@ fn migrate(
             source,
         }
     };
-    let mut control = connect(to)?;
-    write_message(
-        &mut control,
-        &Opening::MigrateIn(MigrateIn {
-            session,
-            spec,
-            streams,
-        }),
-    )
-    .map_err(handshake("sending MigrateIn"))?;
-    let gib = spec_memory_gib(vm.spec().memory_bytes);
-    let accept_deadline = Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
-    wait_readable(&control, accept_deadline, cancel, to)?;
-    set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
-    let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
-        .map_err(handshake("waiting for the answer to MigrateIn"))?
-    {
-        MigrateInReply::Accepted { prefault_ms } => prefault_ms,
-        MigrateInReply::Refused { reason } => {
-            return Err(OutgoingError::Refused {
-                to: to.into(),
-                reason,
-            })
+    // The trace phase (arm the tracker, hash every page) runs while the destination
+    // prepares: it pre-faults its memory, which takes longer than hashing here.
+    let mut tracker = make_tracker(vm.memory())?;
+    let trace_stop = AtomicBool::new(false);
+    let (handshake, traced) = std::thread::scope(|scope| {
+        let tracing = std::thread::Builder::new()
+            .name("ferry-trace".into())
+            .spawn_scoped(scope, || trace(vm.as_ref(), tracker.as_mut(), &trace_stop))
+            .map_err(|source| OutgoingError::Socket {
+                op: "spawning the trace thread",
+                source,
+            });
+        let handshake = (|| -> Result<_, OutgoingError> {
+            let mut control = connect(to)?;
+            write_message(
+                &mut control,
+                &Opening::MigrateIn(MigrateIn {
+                    session,
+                    spec,
+                    streams,
+                }),
+            )
+            .map_err(handshake("sending MigrateIn"))?;
+            let gib = spec_memory_gib(vm.spec().memory_bytes);
+            let accept_deadline =
+                Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
+            wait_readable(&control, accept_deadline, cancel, to)?;
+            set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
+            let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
+                .map_err(handshake("waiting for the answer to MigrateIn"))?
+            {
+                MigrateInReply::Accepted { prefault_ms } => prefault_ms,
+                MigrateInReply::Refused { reason } => {
+                    return Err(OutgoingError::Refused {
+                        to: to.into(),
+                        reason,
+                    })
+                }
+            };
+            let mut data = Vec::with_capacity(streams as usize);
+            for index in 0..streams {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(OutgoingError::Cancelled);
+                }
+                data.push(open_data_stream(to, session, index)?);
+            }
+            if cancel.load(Ordering::SeqCst) {
+                return Err(OutgoingError::Cancelled);
+            }
+            // The engine does its own waiting with deadlines; leftover socket timeouts would turn
+            // its blocking reads into spurious errors.
+            for stream in std::iter::once(&control).chain(&data) {
+                set_read_timeout(stream, None)?;
+                stream
+                    .set_write_timeout(None)
+                    .map_err(|source| OutgoingError::Socket {
+                        op: "clearing the write timeout",
+                        source,
+                    })?;
+            }
+
+            Ok((control, data, prefault_ms))
+        })();
+        if handshake.is_err() {
+            trace_stop.store(true, Ordering::SeqCst);
         }
-    };
-    let mut data = Vec::with_capacity(streams as usize);
-    for index in 0..streams {
-        if cancel.load(Ordering::SeqCst) {
-            return Err(OutgoingError::Cancelled);
-        }
-        data.push(open_data_stream(to, session, index)?);
-    }
+        let traced = match tracing {
+            Ok(handle) => {
+                while !handle.is_finished() {
+                    if cancel.load(Ordering::SeqCst) {
+                        trace_stop.store(true, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                handle.join().unwrap_or_else(|_| {
+                    Err(EngineError::Protocol {
+                        reason: "the trace thread panicked".into(),
+                    })
+                })
+            }
+            Err(e) => return (Err(e), Err(EngineError::Cancelled)),
+        };
+        (handshake, traced)
+    });
+    let (control, data, prefault_ms) = handshake?;
     if cancel.load(Ordering::SeqCst) {
         return Err(OutgoingError::Cancelled);
     }
-    // The engine does its own waiting with deadlines; leftover socket timeouts would turn
-    // its blocking reads into spurious errors.
-    for stream in std::iter::once(&control).chain(&data) {
-        set_read_timeout(stream, None)?;
-        stream
-            .set_write_timeout(None)
-            .map_err(|source| OutgoingError::Socket {
-                op: "clearing the write timeout",
-                source,
-            })?;
-    }
+    let trace = traced.map_err(OutgoingError::Engine)?;
+    info!(
+        trace_ms = trace.elapsed().as_secs_f64() * 1e3,
+        prefault_ms, "trace phase overlapped the destination's preparation"
+    );
 
-    let mut tracker = make_tracker(vm.memory())?;
     let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
     let mut throttle = ProgressThrottle::new(PROGRESS_INTERVAL);
     let mut on_progress = |progress: &Progress| {
@@ -216,6 +262,7 @@ fn migrate(
     let ctx = SourceContext {
         guest: vm.as_ref(),
         tracker: tracker.as_mut(),
+        trace,
         control,
         transport,
         params: &request.params,

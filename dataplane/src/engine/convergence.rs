@@ -2,7 +2,10 @@
 //! drive it with any numbers and any clock.
 //!
 //! - Switch over when the pages still dirty would be sent within the downtime target at the
-//!   bandwidth the last round measured.
+//!   bandwidth the last round measured, unless another round is nearly free and would cut
+//!   the pause: while each round at least halves the dirty set, keep going until the rest
+//!   fits in [`QUICK_SWITCHOVER_MS`]. A round of a few MiB costs milliseconds of total time;
+//!   the guest feels the pause, not the total.
 //! - If the dirty set does not shrink (the guest dirties faster than the link drains), throttle
 //!   the vCPUs in steps, like QEMU's auto-converge, so pre-copy converges instead of looping.
 //! - Give up waiting after `rounds_max` rounds or `precopy_timeout_ms` and switch over anyway
@@ -14,6 +17,8 @@ use super::MigrationParams;
 
 /// Fixed switch-over cost beyond the pages: device state, the commit round trips, resume.
 pub const SWITCHOVER_OVERHEAD_MS: f64 = 1.0;
+/// A predicted pause this short ends pre-copy even while rounds still shrink the dirty set.
+pub const QUICK_SWITCHOVER_MS: f64 = 2.0;
 /// Throttle steps (percent of vCPU time taken away).
 pub const THROTTLE_STEPS: [u8; 6] = [20, 40, 60, 80, 90, 99];
 
@@ -22,6 +27,8 @@ pub const THROTTLE_STEPS: [u8; 6] = [20, 40, 60, 80, 90, 99];
 pub struct RoundMeasurement {
     /// Round just sent (0 = full pass).
     pub round: u32,
+    /// Bytes of pages the round sent.
+    pub round_bytes: u64,
     /// Bytes that would have to be sent if the switch-over started now.
     pub dirty_bytes: u64,
     /// Measured bandwidth of the round just sent.
@@ -86,8 +93,10 @@ impl Convergence {
 
     /// Decides what follows the round described by `m`.
     pub fn decide(&mut self, params: &MigrationParams, m: &RoundMeasurement) -> Decision {
-        if predicted_downtime_ms(m.dirty_bytes, m.bandwidth_bytes_per_s)
-            <= params.downtime_ms as f64
+        let predicted = predicted_downtime_ms(m.dirty_bytes, m.bandwidth_bytes_per_s);
+        let halving = m.dirty_bytes.saturating_mul(2) <= m.round_bytes;
+        if predicted <= params.downtime_ms as f64
+            && (predicted <= QUICK_SWITCHOVER_MS || !halving || m.round + 1 >= params.rounds_max)
         {
             return Decision::SwitchOver {
                 reason: StopReason::Converged,
@@ -155,6 +164,8 @@ mod tests {
     ) -> RoundMeasurement {
         RoundMeasurement {
             round,
+            // What a round sends is what the previous one left dirty; tests that care set it.
+            round_bytes: dirty_mib << 20,
             dirty_bytes: dirty_mib << 20,
             bandwidth_bytes_per_s: bw_mib * (1 << 20) as f64,
             round_ms,
@@ -181,6 +192,45 @@ mod tests {
         );
         assert_eq!(
             c.decide(&params(), &m(5, 0, 0.0, 0.0, 0.0)),
+            Decision::SwitchOver {
+                reason: StopReason::Converged
+            }
+        );
+    }
+
+    #[test]
+    fn keeps_going_while_rounds_halve_the_dirty_set() {
+        let mut c = Convergence::default();
+        let p = params();
+        // Round 0 sent 1 GiB and left 20 MiB: fits 50 ms, but one more round is nearly free.
+        let after_full_pass = RoundMeasurement {
+            round_bytes: 1 << 30,
+            ..m(0, 20, 2000.0, 500.0, 500.0)
+        };
+        assert_eq!(
+            c.decide(&p, &after_full_pass),
+            Decision::Continue {
+                throttle_percent: 0
+            }
+        );
+        // Round 1 sent 20 MiB and left 1 MiB: 0.5 ms + overhead ≤ QUICK_SWITCHOVER_MS.
+        let small = RoundMeasurement {
+            round_bytes: 20 << 20,
+            ..m(1, 1, 2000.0, 10.0, 510.0)
+        };
+        assert_eq!(
+            c.decide(&p, &small),
+            Decision::SwitchOver {
+                reason: StopReason::Converged
+            }
+        );
+        // The last allowed round switches over even while halving.
+        let last = RoundMeasurement {
+            round_bytes: 1 << 30,
+            ..m(p.rounds_max - 1, 20, 2000.0, 500.0, 500.0)
+        };
+        assert_eq!(
+            Convergence::default().decide(&p, &last),
             Decision::SwitchOver {
                 reason: StopReason::Converged
             }
@@ -216,7 +266,13 @@ mod tests {
         let mut dirty = 800;
         for round in 0..6 {
             assert_eq!(
-                c.decide(&p, &m(round, dirty, 1000.0, 1000.0, 1.0)),
+                c.decide(
+                    &p,
+                    &RoundMeasurement {
+                        round_bytes: (dirty * 2) << 20,
+                        ..m(round, dirty, 1000.0, 1000.0, 1.0)
+                    }
+                ),
                 Decision::Continue {
                     throttle_percent: 0
                 }

@@ -56,7 +56,11 @@ pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineE
     transport.shutdown();
     if let Err(error) = &result {
         warn!(%error, "incoming migration failed; the VM stays with the source");
-        if !matches!(error, EngineError::PeerAborted { .. }) {
+        // The peer already knows when it aborted, or when we answered NotInLockStep.
+        if !matches!(
+            error,
+            EngineError::PeerAborted { .. } | EngineError::DigestMismatch { .. }
+        ) {
             let _ = control.send(&ToSource::Abort {
                 reason: error.to_string(),
             });
@@ -187,6 +191,7 @@ fn receive(
     // Lock-step proof: the digest both sides kept while pages were sent and landed.
     let ours = digest.value();
     if ours != source_digest {
+        control.send(&ToSource::NotInLockStep { digest: ours })?;
         return Err(EngineError::DigestMismatch {
             source_digest,
             destination_digest: ours,

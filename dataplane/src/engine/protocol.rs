@@ -8,7 +8,7 @@
 //!   quiesce, final round
 //!   SwitchOver{final_round, state, digest} ▶ waits for every stream's final RoundEnd,
 //!                                            compares digests, loads the device state
-//!                         ◀───────────────   Prepared{digest}      (or Abort{reason})
+//!                         ◀───────────────   Prepared{digest}   (or NotInLockStep{digest}, Abort{reason})
 //!   ── commit point: the source will never run the VM again ──
 //!   Commit ──────────────────────────────▶   resumes the guest
 //!                         ◀───────────────   Resumed
@@ -50,10 +50,20 @@ pub enum ToDestination {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToSource {
-    HelloAck { pages: u64 },
-    Prepared { digest: u64 },
+    HelloAck {
+        pages: u64,
+    },
+    Prepared {
+        digest: u64,
+    },
+    /// The destination's digest differs from the source's: not prepared.
+    NotInLockStep {
+        digest: u64,
+    },
     Resumed,
-    Abort { reason: String },
+    Abort {
+        reason: String,
+    },
 }
 
 /// The control channel: a writer, and a reader thread feeding a channel so that every wait

@@ -18,9 +18,8 @@ use super::pacer::Pacer;
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::guest::Guest;
-use crate::memory::region::is_zero;
 use crate::memory::{
-    DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH,
+    page_hash, DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH,
 };
 use crate::transport::{SourceTransport, TransportError, BLOCK_PAGES};
 use crate::wire::{Frame, FRAME_HEADER_LEN};
@@ -30,14 +29,93 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// Frames gathered before one transport call.
 const FRAMES_PER_BATCH: usize = 128;
 /// Payload gathered before one transport call.
-const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_BYTES: u64 = 256 << 10;
 /// Wait for the destination's answer to `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The trace phase's result: the tracker is armed and every page has been hashed once.
+///
+/// Made by [`trace`], ideally while the destination prepares (it pre-faults its memory,
+/// which takes longer than hashing here), so that round 0 streams pages without hashing
+/// them on the way: on a CPU-bound link this is what lets the stream run at raw TCP speed.
+///
+/// Why hashes taken before the send are sound: the tracker was armed before any page was
+/// hashed. A page whose bytes change between its hash and its round-0 send was written
+/// after tracking started, so it is in the next collection and is sent (and hashed) again.
+/// Zero pages found here go out as zero markers in round 0 on the same argument.
+pub struct Trace {
+    digest: MemoryDigest,
+    traced_pages: usize,
+    elapsed: Duration,
+}
+
+impl Trace {
+    /// How long hashing took.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+}
+
+/// Pages each hashing task takes at a time (cancel is checked in between).
+const TRACE_CHUNK_PAGES: usize = 16 * BLOCK_PAGES;
+
+/// Starts write tracking and hashes every page of `guest` (on all cores). Cancellable.
+pub fn trace(
+    guest: &dyn Guest,
+    tracker: &mut dyn DirtyTracker,
+    cancel: &AtomicBool,
+) -> Result<Trace, EngineError> {
+    let started = Instant::now();
+    let memory = guest.memory();
+    // Arm first: every hash below is taken after tracking started.
+    tracker.start()?;
+    let digest = MemoryDigest::new_zeroed(memory.pages());
+    let pages = memory.pages();
+    let next_chunk = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(pages.div_ceil(TRACE_CHUNK_PAGES));
+    std::thread::scope(|scope| {
+        for worker in 0..workers {
+            let (digest, next_chunk) = (&digest, &next_chunk);
+            std::thread::Builder::new()
+                .name(format!("ferry-trace-{worker}"))
+                .spawn_scoped(scope, move || loop {
+                    let first = next_chunk.fetch_add(TRACE_CHUNK_PAGES, Ordering::Relaxed);
+                    if first >= pages || cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let delta =
+                        (first..(first + TRACE_CHUNK_PAGES).min(pages)).fold(0u64, |acc, page| {
+                            acc.wrapping_add(digest.record(page, page_hash(memory.page(page))))
+                        });
+                    digest.apply(delta);
+                })
+                .expect("spawning a trace thread");
+        }
+    });
+    if cancel.load(Ordering::Relaxed) {
+        return Err(EngineError::Cancelled);
+    }
+    info!(
+        pages,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "trace phase: tracking armed, every page hashed"
+    );
+    Ok(Trace {
+        digest,
+        traced_pages: pages,
+        elapsed: started.elapsed(),
+    })
+}
 
 /// Everything the source needs; the control plane fills it in after connecting.
 pub struct SourceContext<'a> {
     pub guest: &'a dyn Guest,
+    /// The guest's tracker, already started by [`trace`].
     pub tracker: &'a mut dyn DirtyTracker,
+    /// What [`trace`] returned for this guest and tracker.
+    pub trace: Trace,
     /// Control channel to the destination engine (already past the agents' handshake).
     pub control: TcpStream,
     pub transport: Arc<dyn SourceTransport>,
@@ -63,11 +141,20 @@ pub fn migrate_out(
 ) -> Result<MigrationReport, EngineError> {
     ctx.params.validate()?;
     let guest = ctx.guest;
+    if ctx.trace.traced_pages != guest.memory().pages() {
+        return Err(EngineError::BadParams {
+            reason: format!(
+                "the trace covers {} pages, the guest has {}",
+                ctx.trace.traced_pages,
+                guest.memory().pages()
+            ),
+        });
+    }
     let transport = Arc::clone(&ctx.transport);
     let mut control = ControlChannel::<ToSource>::new(ctx.control)?;
     let mut run = SourceRun {
         memory: Arc::clone(guest.memory()),
-        digest: MemoryDigest::new_zeroed(guest.memory().pages()),
+        digest: ctx.trace.digest,
         transport: Arc::clone(&transport),
         params: ctx.params,
         started: ctx.started,
@@ -177,8 +264,7 @@ impl SourceRun<'_> {
             }
         }
 
-        // Trace phase: from here on every guest write is recorded.
-        tracker.start()?;
+        // The trace phase (tracking armed, pages hashed) happened before: see `trace`.
         let precopy_started = Instant::now();
         let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
         let mut convergence = Convergence::default();
@@ -187,6 +273,7 @@ impl SourceRun<'_> {
         self.progress.phase = Some(Phase::MemoryPreCopy);
         let stop_reason = loop {
             self.progress.round = round;
+            let to_send_pages = to_send.count() as u64;
             let sent =
                 self.send_round_or_put_back(tracker, &to_send, round, &pacer, None, progress)?;
             self.report.rounds = round + 1;
@@ -196,6 +283,7 @@ impl SourceRun<'_> {
             let dirty_bytes = to_send.count() as u64 * PAGE_SIZE as u64;
             let measurement = RoundMeasurement {
                 round,
+                round_bytes: to_send_pages * PAGE_SIZE as u64,
                 dirty_bytes,
                 bandwidth_bytes_per_s: sent.bytes as f64 / sent.elapsed.as_secs_f64().max(1e-6),
                 round_ms: sent.elapsed.as_secs_f64() * 1000.0,
@@ -266,6 +354,12 @@ impl SourceRun<'_> {
         match control.recv(deadline, &cancel, "the destination's prepared answer") {
             Ok(ToSource::Prepared { digest: theirs }) if theirs == digest => {}
             Ok(ToSource::Prepared { digest: theirs }) => {
+                return Err(EngineError::DigestMismatch {
+                    source_digest: digest,
+                    destination_digest: theirs,
+                })
+            }
+            Ok(ToSource::NotInLockStep { digest: theirs }) => {
                 return Err(EngineError::DigestMismatch {
                     source_digest: digest,
                     destination_digest: theirs,
@@ -366,6 +460,7 @@ impl SourceRun<'_> {
             ..
         } = self;
         let (memory, digest, transport) = (&**memory, &*digest, transport.as_ref());
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(streams);
         let results: Vec<Result<StreamSent, EngineError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..streams)
                 .map(|stream| {
@@ -382,14 +477,26 @@ impl SourceRun<'_> {
                     };
                     std::thread::Builder::new()
                         .name(format!("ferry-tx-{stream}"))
-                        .spawn_scoped(scope, move || sender.send(pages))
+                        .spawn_scoped(scope, {
+                            let done = DoneOnDrop(done_tx.clone());
+                            move || {
+                                let _done = done;
+                                sender.send(pages)
+                            }
+                        })
                         .expect("spawning a sender thread")
                 })
                 .collect();
             let mut last_emit = Instant::now();
             let mut last_bytes = 0u64;
-            while !handles.iter().all(|h| h.is_finished()) {
-                std::thread::sleep(Duration::from_millis(10));
+            // Wake on each sender's completion (the round ends the moment the last one does:
+            // in the final round this is downtime) and every 10 ms for cancel and progress.
+            let mut finished = 0;
+            while finished < streams {
+                if done_rx.recv_timeout(Duration::from_millis(10)).is_ok() {
+                    finished += 1;
+                    continue;
+                }
                 let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
                 if (cancel.load(Ordering::Relaxed) || timed_out)
                     && !abort.swap(true, Ordering::Relaxed)
@@ -455,6 +562,15 @@ impl SourceRun<'_> {
     }
 }
 
+/// Tells the round's driver that a sender finished, even if it panicked.
+struct DoneOnDrop(crossbeam_channel::Sender<()>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 #[derive(Default)]
 struct RoundCounters {
     bytes: AtomicU64,
@@ -497,15 +613,16 @@ impl StreamSender<'_> {
             for (first, count) in pages.runs_in(start, end, BLOCK_PAGES) {
                 let mut delta = 0u64;
                 for page in first..first + count {
-                    // Hash as sent (see memory::digest for why a racing write is harmless).
-                    let bytes = self.memory.page(page);
-                    let zero = is_zero(bytes);
-                    let hash = if zero {
-                        ZERO_PAGE_HASH
+                    let hash = if self.round == 0 {
+                        // Hashed by the trace phase, after tracking was armed.
+                        self.digest.hash_of(page)
                     } else {
-                        xxhash_rust::xxh3::xxh3_64(bytes)
+                        // Hash as sent (see memory::digest for why a racing write is harmless).
+                        let hash = page_hash(self.memory.page(page));
+                        delta = delta.wrapping_add(self.digest.record(page, hash));
+                        hash
                     };
-                    delta = delta.wrapping_add(self.digest.record(page, hash));
+                    let zero = hash == ZERO_PAGE_HASH;
                     push_page(&mut frames, self.round, page as u64, zero);
                     if zero {
                         out.zero_pages += 1;

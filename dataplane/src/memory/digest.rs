@@ -12,20 +12,25 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::hash::xxh3_64;
 
 use super::region::{is_zero, PAGE_SIZE};
 
 /// Hash of an all-zero page.
 pub const ZERO_PAGE_HASH: u64 = 0x5a5a_0000_0000_0001;
 
-/// Hash of one page's bytes (`ZERO_PAGE_HASH` for a zero page).
+/// Hash of one page's bytes: `ZERO_PAGE_HASH` exactly for an all-zero page (a non-zero page
+/// whose XXH3 happens to equal it is moved off it), so the hash alone says "zero page".
 pub fn page_hash(bytes: &[u8]) -> u64 {
     debug_assert_eq!(bytes.len(), PAGE_SIZE);
     if is_zero(bytes) {
-        ZERO_PAGE_HASH
+        return ZERO_PAGE_HASH;
+    }
+    let hash = xxh3_64(bytes);
+    if hash == ZERO_PAGE_HASH {
+        hash ^ 1
     } else {
-        xxh3_64(bytes)
+        hash
     }
 }
 

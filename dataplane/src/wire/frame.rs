@@ -9,7 +9,7 @@
 //! checksummed per frame: they are received straight into guest memory, hashed as they
 //! land, and proven equal to the source by the digest compared at switch-over.
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::hash::xxh3_64;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 

@@ -6,8 +6,8 @@
 
 use std::io::{Read, Write};
 
+use crate::hash::xxh3_64;
 use serde::{de::DeserializeOwned, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 

@@ -10,7 +10,7 @@
 //! - at boot, pages chosen by `fill_percent` hold version 0 ([`BOOT_VERSION`]); the others
 //!   stay zero.
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::hash::xxh3_64;
 
 use super::Pattern;
 use crate::memory::PAGE_SIZE;

@@ -9,8 +9,8 @@
 //! All integers little-endian. Decoding checks magic, version, length and checksum before
 //! it trusts the payload, and never panics: any other input is a `BadState` with a reason.
 
+use crate::hash::xxh3_64;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 

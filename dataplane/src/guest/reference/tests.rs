@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use xxhash_rust::xxh3::xxh3_64;
+use crate::hash::xxh3_64;
 
 use super::*;
 
