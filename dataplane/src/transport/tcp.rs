@@ -21,7 +21,7 @@ use super::{
     stream_for_page, DestinationTransport, ReceiveEvent, SourceTransport, TransportError,
     BLOCK_PAGES,
 };
-use crate::memory::{page_hash, GuestMemory, MemoryDigest, ZERO_PAGE_HASH};
+use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH};
 use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
 
 /// iovecs per `writev` (below IOV_MAX = 1024).
@@ -333,6 +333,11 @@ impl StreamReceiver {
                     let dst = unsafe { self.memory.pages_slice_mut(first, count) };
                     let want = dst.len();
                     let mut got = 0usize;
+                    // Pages are hashed as soon as each one is complete, while the bytes the
+                    // kernel just copied are still in cache (hashing the whole frame after
+                    // the last byte read it back from DRAM: 3× the cost).
+                    let mut hashed = 0usize;
+                    let mut delta = 0u64;
                     while got < want {
                         let mut bufs = [
                             IoSliceMut::new(&mut dst[got..]),
@@ -354,11 +359,13 @@ impl StreamReceiver {
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e) => return Err(io(e)),
                         }
+                        while hashed < got / PAGE_SIZE {
+                            let bytes = &dst[hashed * PAGE_SIZE..(hashed + 1) * PAGE_SIZE];
+                            delta = delta
+                                .wrapping_add(self.digest.record(first + hashed, page_hash(bytes)));
+                            hashed += 1;
+                        }
                     }
-                    // Hash each page as it lands (the lock-step proof).
-                    let delta = (first..first + count).fold(0u64, |acc, p| {
-                        acc.wrapping_add(self.digest.record(p, page_hash(self.memory.page(p))))
-                    });
                     self.digest.apply(delta);
                     landed_in_round += count as u64;
                 }
