@@ -89,6 +89,21 @@ struct TrackingArgs {
     /// Length of each measured window.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Dirty patterns of the unpaced rows: uniform, hotset, sweep.
+    #[arg(long, value_delimiter = ',', default_value = "uniform,hotset,sweep")]
+    patterns: Vec<Pattern>,
+    /// vCPU counts of the unpaced rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,2", value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: Vec<u32>,
+    /// Dirty rates of the paced rows, in MB/s (MiB/s) over all vCPUs.
+    #[arg(long, value_delimiter = ',', default_value = "50,200", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rates: Vec<u64>,
+    /// vCPUs of the paced rows.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    paced_vcpus: u32,
+    /// Dirty pattern of the paced rows.
+    #[arg(long, default_value = "uniform")]
+    paced_pattern: Pattern,
 }
 
 impl Default for TrackingArgs {
@@ -96,6 +111,11 @@ impl Default for TrackingArgs {
         Self {
             memory: 1 << 30,
             seconds: 2.0,
+            patterns: Pattern::ALL.to_vec(),
+            vcpus: vec![1, 2],
+            rates: vec![50, 200],
+            paced_vcpus: 2,
+            paced_pattern: Pattern::Uniform,
         }
     }
 }
@@ -183,10 +203,18 @@ fn main() -> anyhow::Result<()> {
             t.seconds.is_finite() && t.seconds >= 0.2,
             "--seconds must be at least 0.2 (two collections)"
         );
+        anyhow::ensure!(
+            !t.patterns.is_empty() && !t.vcpus.is_empty() && !t.rates.is_empty(),
+            "--patterns, --vcpus and --rates need at least one value each"
+        );
         let config = tracking::TrackingConfig {
             memory_bytes: t.memory,
             window_s: t.seconds,
-            vcpus: vec![1, 2],
+            patterns: t.patterns,
+            vcpus: t.vcpus,
+            rates_mb_per_s: t.rates,
+            paced_vcpus: t.paced_vcpus,
+            paced_pattern: t.paced_pattern,
             repeat,
         };
         let r = tracking::run(&config).context("tracking benchmark")?;

@@ -565,3 +565,38 @@ fn a_digest_mismatch_fails_back() {
     );
     assert_failed_back(&vm, &outcome);
 }
+
+#[test]
+fn a_guest_that_outruns_the_link_is_throttled_and_still_moves_intact() {
+    // 300 MB/s of dirtying against a 60 MB/s link: pre-copy cannot converge by itself.
+    let vm = ReferenceVm::boot(spec("throttle", 32, 300, Pattern::Uniform)).unwrap();
+    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
+    let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+    let params = MigrationParams {
+        streams: 2,
+        downtime_ms: 20,
+        rounds_max: 12,
+        bandwidth_max_bytes_per_s: Some(60 << 20),
+        ..Default::default()
+    };
+    let outcome = migrate(
+        &vm,
+        &incoming,
+        params,
+        &mut tracker,
+        identity,
+        |_| {},
+        &AtomicBool::new(false),
+    );
+    let report = outcome.source.expect("migration succeeds");
+    assert!(
+        report.throttle_percent_max >= 20,
+        "the vCPUs were never throttled: {report:?}"
+    );
+    assert!(report.rounds >= 2, "{report:?}");
+    let verify = incoming.verify().unwrap();
+    assert!(verify.ok, "{verify:?}");
+    // The destination runs at full speed: the throttle stays with the source.
+    assert_eq!(incoming.status().throttle_percent, 0);
+    steps_increase(&incoming);
+}
