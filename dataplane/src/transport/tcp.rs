@@ -37,6 +37,23 @@ fn tune(stream: &TcpStream, index: usize) -> Result<(), TransportError> {
         })
 }
 
+/// Tunes every stream and returns a handle per stream that `shutdown` closes, waking any
+/// thread blocked on it.
+fn prepare(streams: &[TcpStream]) -> Result<Vec<TcpStream>, TransportError> {
+    streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tune(s, i)?;
+            s.try_clone().map_err(|source| TransportError::Io {
+                stream: i,
+                op: "cloning a socket",
+                source,
+            })
+        })
+        .collect()
+}
+
 /// Source half over N TCP streams.
 pub struct TcpSource {
     streams: Vec<Mutex<TcpStream>>,
@@ -46,15 +63,7 @@ pub struct TcpSource {
 impl TcpSource {
     /// Takes connected streams; stream `i` must be the destination's stream `i`.
     pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
-        let mut closers = Vec::with_capacity(streams.len());
-        for (i, s) in streams.iter().enumerate() {
-            tune(s, i)?;
-            closers.push(s.try_clone().map_err(|source| TransportError::Io {
-                stream: i,
-                op: "cloning a socket",
-                source,
-            })?);
-        }
+        let closers = prepare(&streams)?;
         Ok(Self {
             streams: streams.into_iter().map(Mutex::new).collect(),
             closers,
@@ -175,15 +184,7 @@ pub struct TcpDestination {
 impl TcpDestination {
     /// Takes accepted streams; stream `i` must be the source's stream `i`.
     pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
-        let mut closers = Vec::with_capacity(streams.len());
-        for (i, s) in streams.iter().enumerate() {
-            tune(s, i)?;
-            closers.push(s.try_clone().map_err(|source| TransportError::Io {
-                stream: i,
-                op: "cloning a socket",
-                source,
-            })?);
-        }
+        let closers = prepare(&streams)?;
         Ok(Self {
             streams: streams.into_iter().map(Some).collect(),
             closers,
