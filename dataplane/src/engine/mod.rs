@@ -17,7 +17,9 @@ pub mod convergence;
 pub mod destination;
 pub mod pacer;
 pub mod protocol;
+mod sender;
 pub mod source;
+pub mod trace;
 
 /// How a migration is run. Defaults are what `ferry migrate` uses without flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

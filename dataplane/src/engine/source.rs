@@ -7,7 +7,7 @@
 //! collected dirty set is never lost.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,98 +16,17 @@ use tracing::{info, warn};
 use super::convergence::{predicted_downtime_ms, Convergence, Decision, RoundMeasurement};
 use super::pacer::Pacer;
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
+use super::sender::{DoneOnDrop, RoundCounters, StreamSender, StreamSent};
+pub use super::trace::{trace, Trace};
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::guest::Guest;
-use crate::memory::{
-    page_hash, DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH,
-};
-use crate::transport::{SourceTransport, TransportError, BLOCK_PAGES};
-use crate::wire::{Frame, FRAME_HEADER_LEN};
+use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE};
+use crate::transport::SourceTransport;
 
 /// How often progress is reported while a round is sent.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
-/// Frames gathered before one transport call.
-const FRAMES_PER_BATCH: usize = 128;
-/// Payload gathered before one transport call.
-const BATCH_BYTES: u64 = 256 << 10;
 /// Wait for the destination's answer to `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The trace phase's result: the tracker is armed and every page has been hashed once.
-///
-/// Made by [`trace`], ideally while the destination prepares (it pre-faults its memory,
-/// which takes longer than hashing here), so that round 0 streams pages without hashing
-/// them on the way: on a CPU-bound link this is what lets the stream run at raw TCP speed.
-///
-/// Why hashes taken before the send are sound: the tracker was armed before any page was
-/// hashed. A page whose bytes change between its hash and its round-0 send was written
-/// after tracking started, so it is in the next collection and is sent (and hashed) again.
-/// Zero pages found here go out as zero markers in round 0 on the same argument.
-pub struct Trace {
-    digest: MemoryDigest,
-    traced_pages: usize,
-    elapsed: Duration,
-}
-
-impl Trace {
-    /// How long hashing took.
-    pub fn elapsed(&self) -> Duration {
-        self.elapsed
-    }
-}
-
-/// Pages each hashing task takes at a time (cancel is checked in between).
-const TRACE_CHUNK_PAGES: usize = 16 * BLOCK_PAGES;
-
-/// Starts write tracking and hashes every page of `guest` (on all cores). Cancellable.
-pub fn trace(
-    guest: &dyn Guest,
-    tracker: &mut dyn DirtyTracker,
-    cancel: &AtomicBool,
-) -> Result<Trace, EngineError> {
-    let started = Instant::now();
-    let memory = guest.memory();
-    // Arm first: every hash below is taken after tracking started.
-    tracker.start()?;
-    let digest = MemoryDigest::new_zeroed(memory.pages());
-    let pages = memory.pages();
-    let next_chunk = std::sync::atomic::AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(pages.div_ceil(TRACE_CHUNK_PAGES));
-    std::thread::scope(|scope| {
-        for worker in 0..workers {
-            let (digest, next_chunk) = (&digest, &next_chunk);
-            std::thread::Builder::new()
-                .name(format!("ferry-trace-{worker}"))
-                .spawn_scoped(scope, move || loop {
-                    let first = next_chunk.fetch_add(TRACE_CHUNK_PAGES, Ordering::Relaxed);
-                    if first >= pages || cancel.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let delta =
-                        (first..(first + TRACE_CHUNK_PAGES).min(pages)).fold(0u64, |acc, page| {
-                            acc.wrapping_add(digest.record(page, page_hash(memory.page(page))))
-                        });
-                    digest.apply(delta);
-                })
-                .expect("spawning a trace thread");
-        }
-    });
-    if cancel.load(Ordering::Relaxed) {
-        return Err(EngineError::Cancelled);
-    }
-    info!(
-        pages,
-        ms = started.elapsed().as_secs_f64() * 1e3,
-        "trace phase: tracking armed, every page hashed"
-    );
-    Ok(Trace {
-        digest,
-        traced_pages: pages,
-        elapsed: started.elapsed(),
-    })
-}
 
 /// Everything the source needs; the control plane fills it in after connecting.
 pub struct SourceContext<'a> {
@@ -422,13 +341,8 @@ impl SourceRun<'_> {
         deadline: Option<Instant>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<RoundSent, EngineError> {
-        match self.send_round(pages, round, pacer, deadline, progress) {
-            Ok(sent) => Ok(sent),
-            Err(error) => {
-                tracker.put_back(pages);
-                Err(error)
-            }
-        }
+        self.send_round(pages, round, pacer, deadline, progress)
+            .inspect_err(|_| tracker.put_back(pages))
     }
 
     /// Sends every page of `pages` over all streams in parallel, then a round-end marker on
@@ -559,189 +473,5 @@ impl SourceRun<'_> {
         self.progress.rate_bytes_per_s = (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
         self.emit(progress);
         Ok(RoundSent { bytes, elapsed })
-    }
-}
-
-/// Tells the round's driver that a sender finished, even if it panicked.
-struct DoneOnDrop(crossbeam_channel::Sender<()>);
-
-impl Drop for DoneOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
-    }
-}
-
-#[derive(Default)]
-struct RoundCounters {
-    bytes: AtomicU64,
-    pages: AtomicU64,
-}
-
-struct StreamSent {
-    bytes: u64,
-    pages: u64,
-    zero_pages: u64,
-}
-
-/// One stream's share of a round: the blocks `b` with `b % streams == stream`.
-struct StreamSender<'a> {
-    stream: usize,
-    streams: usize,
-    round: u32,
-    memory: &'a GuestMemory,
-    digest: &'a MemoryDigest,
-    transport: &'a dyn SourceTransport,
-    pacer: &'a Pacer,
-    counters: &'a RoundCounters,
-    abort: &'a AtomicBool,
-}
-
-impl StreamSender<'_> {
-    fn send(&self, pages: &DirtyBitmap) -> Result<StreamSent, EngineError> {
-        let mut out = StreamSent {
-            bytes: 0,
-            pages: 0,
-            zero_pages: 0,
-        };
-        let mut frames: Vec<Frame> = Vec::with_capacity(FRAMES_PER_BATCH + 2);
-        let mut payload = 0u64;
-        let total_pages = self.memory.pages();
-        let blocks = total_pages.div_ceil(BLOCK_PAGES);
-        for block in (self.stream..blocks).step_by(self.streams) {
-            let start = block * BLOCK_PAGES;
-            let end = (start + BLOCK_PAGES).min(total_pages);
-            for (first, count) in pages.runs_in(start, end, BLOCK_PAGES) {
-                let mut delta = 0u64;
-                for page in first..first + count {
-                    let hash = if self.round == 0 {
-                        // Hashed by the trace phase, after tracking was armed.
-                        self.digest.hash_of(page)
-                    } else {
-                        // Hash as sent (see memory::digest for why a racing write is harmless).
-                        let hash = page_hash(self.memory.page(page));
-                        delta = delta.wrapping_add(self.digest.record(page, hash));
-                        hash
-                    };
-                    let zero = hash == ZERO_PAGE_HASH;
-                    push_page(&mut frames, self.round, page as u64, zero);
-                    if zero {
-                        out.zero_pages += 1;
-                    } else {
-                        out.pages += 1;
-                        payload += PAGE_SIZE as u64;
-                    }
-                }
-                self.digest.apply(delta);
-                if frames.len() >= FRAMES_PER_BATCH || payload >= BATCH_BYTES {
-                    out.bytes += self.flush(&mut frames, &mut payload)?;
-                }
-            }
-        }
-        frames.push(Frame::RoundEnd {
-            round: self.round,
-            pages: out.pages + out.zero_pages,
-        });
-        out.bytes += self.flush(&mut frames, &mut payload)?;
-        Ok(out)
-    }
-
-    fn flush(&self, frames: &mut Vec<Frame>, payload: &mut u64) -> Result<u64, EngineError> {
-        let pages: u64 = frames
-            .iter()
-            .map(|f| match *f {
-                Frame::Pages { count, .. } | Frame::ZeroPages { count, .. } => count as u64,
-                Frame::RoundEnd { .. } => 0,
-            })
-            .sum();
-        let wire_bytes = *payload + (frames.len() * FRAME_HEADER_LEN) as u64;
-        let stop = || self.abort.load(Ordering::Relaxed);
-        if !self.pacer.acquire(wire_bytes, &stop) || stop() {
-            return Err(TransportError::Shutdown.into());
-        }
-        let sent = self.transport.send(self.stream, self.memory, frames)?;
-        self.counters.bytes.fetch_add(sent, Ordering::Relaxed);
-        self.counters.pages.fetch_add(pages, Ordering::Relaxed);
-        frames.clear();
-        *payload = 0;
-        Ok(sent)
-    }
-}
-
-/// Appends `page` to the last frame when it continues it (same kind, next page, same
-/// block), else starts a new frame.
-fn push_page(frames: &mut Vec<Frame>, round: u32, page: u64, zero: bool) {
-    let same_block = |first: u64| first as usize / BLOCK_PAGES == page as usize / BLOCK_PAGES;
-    match frames.last_mut() {
-        Some(Frame::Pages { first, count, .. })
-            if !zero && *first + *count as u64 == page && same_block(*first) =>
-        {
-            *count += 1
-        }
-        Some(Frame::ZeroPages { first, count, .. })
-            if zero && *first + *count as u64 == page && same_block(*first) =>
-        {
-            *count += 1
-        }
-        _ if zero => frames.push(Frame::ZeroPages {
-            round,
-            first: page,
-            count: 1,
-        }),
-        _ => frames.push(Frame::Pages {
-            round,
-            first: page,
-            count: 1,
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_follow_runs_and_block_boundaries() {
-        let mut frames = Vec::new();
-        for (page, zero) in [
-            (0, false),
-            (1, false),
-            (2, true),
-            (3, true),
-            (5, false),
-            (255, false),
-            (256, false),
-        ] {
-            push_page(&mut frames, 7, page, zero);
-        }
-        assert_eq!(
-            frames,
-            vec![
-                Frame::Pages {
-                    round: 7,
-                    first: 0,
-                    count: 2
-                },
-                Frame::ZeroPages {
-                    round: 7,
-                    first: 2,
-                    count: 2
-                },
-                Frame::Pages {
-                    round: 7,
-                    first: 5,
-                    count: 1
-                },
-                Frame::Pages {
-                    round: 7,
-                    first: 255,
-                    count: 1
-                },
-                Frame::Pages {
-                    round: 7,
-                    first: 256,
-                    count: 1
-                },
-            ]
-        );
     }
 }
