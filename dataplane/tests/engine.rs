@@ -425,6 +425,11 @@ fn cancel_during_precopy_leaves_the_vm_running_on_the_source() {
 }
 
 fn corrupt_stream_fails_back(bytes: Vec<u8>, expect: &str) {
+    corrupt_stream_then(bytes, false, expect)
+}
+
+/// Writes `bytes` first on data stream 1 (and closes it when `close`), then migrates.
+fn corrupt_stream_then(bytes: Vec<u8>, close: bool, expect: &str) {
     let vm = ReferenceVm::boot(spec("corrupt", 16, 20, Pattern::Uniform)).unwrap();
     let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
     let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
@@ -441,12 +446,46 @@ fn corrupt_stream_fails_back(bytes: Vec<u8>, expect: &str) {
         |link| {
             use std::io::Write;
             link.source_data[1].write_all(&bytes).unwrap();
+            if close {
+                link.source_data[1]
+                    .shutdown(std::net::Shutdown::Write)
+                    .unwrap();
+            }
         },
         &AtomicBool::new(false),
     );
     let message = format!("{:?}", outcome.destination.as_ref().err());
-    assert!(message.contains(expect), "expected {expect} in {message}");
+    // When the source breaks the stream too (a closed stream fails its next send), its
+    // Abort may reach the destination before the receiver's own error: then the reason
+    // names the stream.
+    let peer_explained = close && message.contains("PeerAborted") && message.contains("stream 1");
+    assert!(
+        message.contains(expect) || peer_explained,
+        "expected {expect} in {message}"
+    );
     assert_failed_back(&vm, &outcome);
+}
+
+#[test]
+fn a_truncated_frame_fails_back() {
+    // Page 256 is in block 1, stream 1's. The header promises 4 KiB; 100 bytes arrive, then EOF.
+    let mut bytes = Frame::Pages {
+        round: 0,
+        first: 256,
+        count: 1,
+    }
+    .encode()
+    .to_vec();
+    bytes.extend_from_slice(&[7; 100]);
+    corrupt_stream_then(bytes, true, "Truncated");
+}
+
+#[test]
+fn a_peer_that_lies_about_a_rounds_page_count_fails_back() {
+    corrupt_stream_fails_back(
+        Frame::RoundEnd { round: 0, pages: 5 }.encode().to_vec(),
+        "CountMismatch",
+    );
 }
 
 #[test]

@@ -62,7 +62,7 @@ pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineE
             EngineError::PeerAborted { .. } | EngineError::DigestMismatch { .. }
         ) {
             let _ = control.send(&ToSource::Abort {
-                reason: error.to_string(),
+                reason: super::error_chain(&error),
             });
         }
     }

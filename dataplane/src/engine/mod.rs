@@ -21,6 +21,19 @@ mod sender;
 pub mod source;
 pub mod trace;
 
+/// An error and its sources as one line, for the `Abort` reason the peer logs and shows:
+/// the peer cannot walk our error chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// How a migration is run. Defaults are what `ferry migrate` uses without flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationParams {

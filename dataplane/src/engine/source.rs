@@ -103,7 +103,7 @@ pub fn migrate_out(
             // Fail back: the VM resumes here with its own memory; nothing was handed over.
             warn!(%error, "migration failed before the commit point; resuming the VM on the source");
             let _ = control.send(&ToDestination::Abort {
-                reason: error.to_string(),
+                reason: super::error_chain(&error),
             });
             transport.shutdown();
             guest.set_throttle(0);
