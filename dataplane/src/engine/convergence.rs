@@ -7,7 +7,8 @@
 //!   fits in [`QUICK_SWITCHOVER_MS`]. A round of a few MiB costs milliseconds of total time;
 //!   the guest feels the pause, not the total.
 //! - If the dirty set does not shrink (the guest dirties faster than the link drains), throttle
-//!   the vCPUs in steps, like QEMU's auto-converge, so pre-copy converges instead of looping.
+//!   the vCPUs in steps, like QEMU's auto-converge, so pre-copy converges instead of looping;
+//!   jump straight to the step that the measured dirty rate and bandwidth call for.
 //! - Give up waiting after `rounds_max` rounds or `precopy_timeout_ms` and switch over anyway
 //!   (the report then says the downtime target was not met and why).
 
@@ -129,10 +130,22 @@ impl Convergence {
             self.stalled_rounds = 0;
         }
         if self.stalled_rounds >= 1 {
-            let next = self
-                .throttle_step
-                .map_or(0, |s| (s + 1).min(THROTTLE_STEPS.len() - 1));
-            self.throttle_step = Some(next);
+            // At least one step up; straight to the step that brings the guest's unthrottled
+            // dirty rate under half the link, when the measurements say so (a ramp of one
+            // step per round costs a round of the whole dirty set per step).
+            let current = f64::from(self.throttle_percent()) / 100.0;
+            let unthrottled_rate = dirty_rate / (1.0 - current).max(0.01);
+            let needed = if unthrottled_rate > 0.0 {
+                1.0 - 0.5 * m.bandwidth_bytes_per_s / unthrottled_rate
+            } else {
+                0.0
+            };
+            let at_least = self.throttle_step.map_or(0, |s| s + 1);
+            let wanted = THROTTLE_STEPS
+                .iter()
+                .position(|&p| f64::from(p) >= needed * 100.0)
+                .unwrap_or(THROTTLE_STEPS.len() - 1);
+            self.throttle_step = Some(at_least.max(wanted).min(THROTTLE_STEPS.len() - 1));
             self.stalled_rounds = 0;
         }
         self.previous_dirty_bytes = Some(m.dirty_bytes);
@@ -247,16 +260,32 @@ mod tests {
                 throttle_percent: 0
             }
         );
-        // Same dirty set after round 1: throttle 20 %, then 40 %, …, capped at 99 %.
+        // Same dirty set after each round, at a modest dirty rate (100 MiB/s against a
+        // 1000 MiB/s link): one step per round, 20 %, 40 %, …, capped at 99 %.
         let mut seen = Vec::new();
         for round in 1..9 {
             if let Decision::Continue { throttle_percent } =
-                c.decide(&p, &m(round, 500, 1000.0, 500.0, 1000.0 + round as f64))
+                c.decide(&p, &m(round, 500, 1000.0, 5000.0, 1000.0 + round as f64))
             {
                 seen.push(throttle_percent);
             }
         }
         assert_eq!(seen, vec![20, 40, 60, 80, 90, 99, 99, 99]);
+    }
+
+    #[test]
+    fn a_guest_far_beyond_the_link_is_throttled_straight_to_the_needed_step() {
+        let mut c = Convergence::default();
+        let p = params();
+        c.decide(&p, &m(0, 500, 1000.0, 1000.0, 1000.0));
+        // 500 MiB dirtied in a 250 ms round = 2000 MiB/s against 1000 MiB/s: the rate must fall
+        // under 500 MiB/s, i.e. a throttle of at least 75 %: the 80 % step, at once.
+        assert_eq!(
+            c.decide(&p, &m(1, 500, 1000.0, 250.0, 1250.0)),
+            Decision::Continue {
+                throttle_percent: 80
+            }
+        );
     }
 
     #[test]
