@@ -22,17 +22,8 @@ pub mod progress;
 pub mod registry;
 pub mod sigint;
 
-/// An error and its sources, `outer: inner: innermost` (Display texts leave sources out).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+/// An error and its sources on one line (the dataplane's, so both halves word it alike).
+pub use ferry_dataplane::engine::error_chain;
 
 #[cfg(test)]
 mod tests {
