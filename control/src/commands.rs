@@ -6,6 +6,7 @@
 use anyhow::Context;
 use ferry_dataplane::engine::{MigrationReport, Progress};
 use ferry_dataplane::guest::reference::VerifyReport;
+use ferry_dataplane::units::format_bytes;
 use serde::Serialize;
 
 use crate::agent::{self, AgentConfig};
@@ -13,7 +14,7 @@ use crate::api::ErrorKind;
 use crate::cli::{Cli, Command, MigrateArgs, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::output::{print_json, render_verify, render_vm_detail, render_vm_table};
-use crate::progress::{render_report, ProgressView};
+use crate::progress::{render_report, with_spinner, ProgressView};
 use crate::{demo, error_chain, sigint};
 
 pub const EXIT_OK: i32 = 0;
@@ -107,7 +108,13 @@ pub fn report_error(err: &anyhow::Error, mode: OutputMode) {
 fn vm(client: &Client, command: VmCommand, mode: OutputMode) -> anyhow::Result<i32> {
     match command {
         VmCommand::Create(args) => {
-            let vm = client.vm_create(args.vm.spec(&args.name))?;
+            let spec = args.vm.spec(&args.name);
+            let what = format!(
+                "booting {} ({})",
+                args.name,
+                format_bytes(spec.memory_bytes)
+            );
+            let vm = with_spinner(&what, mode.json, || client.vm_create(spec))?;
             if mode.json {
                 print_json(&vm);
             } else {
@@ -131,7 +138,8 @@ fn vm(client: &Client, command: VmCommand, mode: OutputMode) -> anyhow::Result<i
             }
         }
         VmCommand::Verify { name } => {
-            let report = client.vm_verify(&name)?;
+            let what = format!("verifying {name}: replaying its program over every page");
+            let report = with_spinner(&what, mode.json, || client.vm_verify(&name))?;
             if mode.json {
                 print_json(&VerifiedJson {
                     vm: &name,

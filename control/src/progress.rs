@@ -13,6 +13,26 @@ use crate::output::format_ms;
 /// Redraws per second at most.
 const REDRAW_HZ: u8 = 10;
 
+/// Runs `work` under a spinner saying `what` (on stderr, hidden when stderr is not a
+/// terminal or when `quiet`): for calls that take seconds, such as booting a 16 GiB guest
+/// or verifying it.
+pub fn with_spinner<T>(what: &str, quiet: bool, work: impl FnOnce() -> T) -> T {
+    if quiet {
+        return work();
+    }
+    let spinner =
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(REDRAW_HZ));
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner:.green} {msg} {elapsed}")
+            .expect("the template is valid"),
+    );
+    spinner.set_message(what.to_string());
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let result = work();
+    spinner.finish_and_clear();
+    result
+}
+
 /// The live view of one migration, drawn on stderr (hidden when stderr is not a terminal).
 /// Clones draw on the same bar.
 #[derive(Clone)]
