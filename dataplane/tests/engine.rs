@@ -2,152 +2,22 @@
 //! tracker, real TCP on loopback. Faults are injected through wrappers at the seams
 //! (tracker, transport) and through raw bytes on the sockets.
 
-use std::net::{TcpListener, TcpStream};
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_dataplane::engine::destination::{migrate_in, DestinationContext, IncomingReport};
-use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
-use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport};
-use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
+use ferry_dataplane::engine::{EngineError, MigrationParams};
+use ferry_dataplane::guest::reference::{Pattern, ReferenceVm};
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::UffdWpTracker;
-use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
-use ferry_dataplane::transport::tcp::{TcpDestination, TcpSource};
-use ferry_dataplane::transport::{SourceTransport, TransportError};
+use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory};
+use ferry_dataplane::transport::TransportError;
 use ferry_dataplane::wire::Frame;
-
-fn spec(name: &str, mib: u64, rate_mb: u64, pattern: Pattern) -> VmSpec {
-    VmSpec {
-        name: name.into(),
-        memory_bytes: mib << 20,
-        vcpus: 2,
-        dirty_rate_bytes_per_s: rate_mb << 20,
-        pattern,
-        seed: 42,
-        fill_percent: 100,
-    }
-}
-
-struct Link {
-    source_control: TcpStream,
-    source_data: Vec<TcpStream>,
-    destination_control: TcpStream,
-    destination_data: Vec<TcpStream>,
-}
-
-fn link(streams: usize) -> Link {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let pair = || {
-        let a = TcpStream::connect(addr).unwrap();
-        let (b, _) = listener.accept().unwrap();
-        (a, b)
-    };
-    let (source_control, destination_control) = pair();
-    let (source_data, destination_data) = (0..streams).map(|_| pair()).unzip();
-    Link {
-        source_control,
-        source_data,
-        destination_control,
-        destination_data,
-    }
-}
-
-struct Outcome {
-    source: Result<MigrationReport, EngineError>,
-    destination: Result<IncomingReport, EngineError>,
-}
-
-/// Runs one migration from `vm` to a fresh incoming VM; `wrap` may replace the source
-/// transport, `tracker` the dirty tracker, `before` runs on the raw sockets first.
-fn migrate(
-    vm: &ReferenceVm,
-    incoming: &ReferenceVm,
-    params: MigrationParams,
-    tracker: &mut dyn DirtyTracker,
-    wrap: impl FnOnce(Arc<dyn SourceTransport>) -> Arc<dyn SourceTransport>,
-    before: impl FnOnce(&mut Link),
-    cancel: &AtomicBool,
-) -> Outcome {
-    let mut link = link(params.streams);
-    before(&mut link);
-    let Link {
-        source_control,
-        source_data,
-        destination_control,
-        destination_data,
-    } = link;
-    let transport = wrap(Arc::new(TcpSource::new(source_data).unwrap()));
-    let destination_cancel = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let destination = s.spawn(|| {
-            migrate_in(DestinationContext {
-                guest: incoming,
-                control: destination_control,
-                transport: Box::new(TcpDestination::new(destination_data).unwrap()),
-                cancel: &destination_cancel,
-            })
-        });
-        let source = trace(vm, tracker, cancel).and_then(|trace| {
-            migrate_out(
-                SourceContext {
-                    guest: vm,
-                    tracker,
-                    trace,
-                    control: source_control,
-                    transport,
-                    params: &params,
-                    started: Instant::now(),
-                    prefault_ms: incoming.prefault_ms(),
-                    cancel,
-                },
-                &mut |_| {},
-            )
-        });
-        Outcome {
-            source,
-            destination: destination.join().unwrap(),
-        }
-    })
-}
-
-fn steps_increase(vm: &ReferenceVm) {
-    let before = vm.status().total_steps;
-    std::thread::sleep(Duration::from_millis(200));
-    let after = vm.status().total_steps;
-    assert!(
-        after > before,
-        "the VM is not running: steps {before} -> {after}"
-    );
-}
-
-fn assert_failed_back(vm: &ReferenceVm, outcome: &Outcome) {
-    assert!(
-        outcome.source.is_err(),
-        "source should have failed: {:?}",
-        outcome.source
-    );
-    assert!(
-        outcome.destination.is_err(),
-        "destination should have failed"
-    );
-    assert!(
-        vm.status().running,
-        "source VM must run again after fail-back"
-    );
-    steps_increase(vm);
-    let report = vm.verify().unwrap();
-    assert!(
-        report.ok,
-        "source VM must verify after fail-back: {report:?}"
-    );
-}
-
-fn identity(t: Arc<dyn SourceTransport>) -> Arc<dyn SourceTransport> {
-    t
-}
+use support::{
+    assert_failed_back, identity, migrate, spec, steps_increase, HookedTracker, HookedTransport,
+};
 
 #[test]
 fn busy_vm_moves_and_verifies_on_the_destination() {
@@ -195,35 +65,6 @@ fn busy_vm_moves_and_verifies_on_the_destination() {
     }
 }
 
-/// Drops one collection: the pages in it are never sent again.
-struct DroppingTracker<T> {
-    inner: T,
-    drop_collection: usize,
-    collections: usize,
-    dropped_pages: usize,
-}
-
-impl<T: DirtyTracker> DirtyTracker for DroppingTracker<T> {
-    fn start(&mut self) -> Result<(), TrackerError> {
-        self.inner.start()
-    }
-    fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
-        let set = self.inner.collect()?;
-        self.collections += 1;
-        if self.collections == self.drop_collection {
-            self.dropped_pages = set.count();
-            return Ok(DirtyBitmap::new(set.pages()));
-        }
-        Ok(set)
-    }
-    fn put_back(&mut self, pages: &DirtyBitmap) {
-        self.inner.put_back(pages)
-    }
-    fn name(&self) -> &'static str {
-        "dropping"
-    }
-}
-
 /// The loss must be caught. Usually by `verify` on the destination: the engine itself cannot
 /// see pages the tracker never reported. Sometimes earlier, by the lock-step digest: a
 /// dropped page that the guest wrote between being hashed and being sent makes the two
@@ -241,12 +82,19 @@ fn a_tracker_that_drops_one_collection_is_caught() {
         rounds_max: 4,
         ..Default::default()
     };
-    let mut tracker = DroppingTracker {
-        inner: UffdWpTracker::new(Arc::clone(vm.memory())).unwrap(),
-        drop_collection: 2,
-        collections: 0,
-        dropped_pages: 0,
-    };
+    // Drops the second collection: its pages are never sent again.
+    let (collections, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut tracker = HookedTracker::new(UffdWpTracker::new(Arc::clone(vm.memory())).unwrap())
+        .on_collect({
+            let (collections, dropped) = (Arc::clone(&collections), Arc::clone(&dropped));
+            move |set| {
+                if collections.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
+                    dropped.store(set.count(), Ordering::SeqCst);
+                    return DirtyBitmap::new(set.pages());
+                }
+                set
+            }
+        });
     let outcome = migrate(
         &vm,
         &incoming,
@@ -257,7 +105,7 @@ fn a_tracker_that_drops_one_collection_is_caught() {
         &AtomicBool::new(false),
     );
     assert!(
-        tracker.dropped_pages > 0,
+        dropped.load(Ordering::SeqCst) > 0,
         "the dropped collection was empty"
     );
     match outcome.source {
@@ -266,12 +114,13 @@ fn a_tracker_that_drops_one_collection_is_caught() {
             assert!(
                 !verify.ok,
                 "verify must catch the {} lost pages",
-                tracker.dropped_pages
+                dropped.load(Ordering::SeqCst)
             );
             assert!(verify.mismatched_pages > 0 && !verify.first_mismatches.is_empty());
             eprintln!(
                 "caught by verify: {} of {} dropped pages stale",
-                verify.mismatched_pages, tracker.dropped_pages
+                verify.mismatched_pages,
+                dropped.load(Ordering::SeqCst)
             );
         }
         Err(EngineError::DigestMismatch { .. }) => {
@@ -282,72 +131,18 @@ fn a_tracker_that_drops_one_collection_is_caught() {
     }
 }
 
-/// Fails every send after the first `ok_sends`.
-struct FailingTransport {
-    inner: Arc<dyn SourceTransport>,
-    ok_sends: usize,
-    sends: AtomicUsize,
-}
-
-impl SourceTransport for FailingTransport {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn streams(&self) -> usize {
-        self.inner.streams()
-    }
-    fn send(
-        &self,
-        stream: usize,
-        memory: &GuestMemory,
-        frames: &[Frame],
-    ) -> Result<u64, TransportError> {
-        if self.sends.fetch_add(1, Ordering::SeqCst) >= self.ok_sends {
-            return Err(TransportError::Io {
-                stream,
-                op: "sending pages",
-                source: std::io::ErrorKind::BrokenPipe.into(),
-            });
-        }
-        self.inner.send(stream, memory, frames)
-    }
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-}
-
-/// Records what is put back.
-struct RecordingTracker<T> {
-    inner: T,
-    put_back_pages: Arc<AtomicU64>,
-}
-
-impl<T: DirtyTracker> DirtyTracker for RecordingTracker<T> {
-    fn start(&mut self) -> Result<(), TrackerError> {
-        self.inner.start()
-    }
-    fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
-        self.inner.collect()
-    }
-    fn put_back(&mut self, pages: &DirtyBitmap) {
-        self.put_back_pages
-            .fetch_add(pages.count() as u64, Ordering::SeqCst);
-        self.inner.put_back(pages)
-    }
-    fn name(&self) -> &'static str {
-        "recording"
-    }
-}
-
 #[test]
 fn a_failed_send_puts_the_dirty_set_back_and_fails_back() {
     let vm = ReferenceVm::boot(spec("putback", 32, 50, Pattern::Uniform)).unwrap();
     let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
     let put_back = Arc::new(AtomicU64::new(0));
-    let mut tracker = RecordingTracker {
-        inner: UffdWpTracker::new(Arc::clone(vm.memory())).unwrap(),
-        put_back_pages: Arc::clone(&put_back),
-    };
+    let mut tracker = HookedTracker::new(UffdWpTracker::new(Arc::clone(vm.memory())).unwrap())
+        .on_put_back({
+            let put_back = Arc::clone(&put_back);
+            move |pages| {
+                put_back.fetch_add(pages.count() as u64, Ordering::SeqCst);
+            }
+        });
     let params = MigrationParams {
         streams: 2,
         ..Default::default()
@@ -358,10 +153,17 @@ fn a_failed_send_puts_the_dirty_set_back_and_fails_back() {
         params,
         &mut tracker,
         |inner| {
-            Arc::new(FailingTransport {
-                inner,
-                ok_sends: 5,
-                sends: AtomicUsize::new(0),
+            // Every send after the first five fails.
+            let sends = AtomicUsize::new(0);
+            HookedTransport::wrap(inner, move |inner, stream, memory, frames| {
+                if sends.fetch_add(1, Ordering::SeqCst) >= 5 {
+                    return Err(TransportError::Io {
+                        stream,
+                        op: "sending pages",
+                        source: std::io::ErrorKind::BrokenPipe.into(),
+                    });
+                }
+                inner.send(stream, memory, frames)
             })
         },
         |_| {},
@@ -537,39 +339,6 @@ fn an_oversized_frame_fails_back() {
     );
 }
 
-/// Sends one batch of pages from another memory: the destination lands wrong bytes.
-struct LyingTransport {
-    inner: Arc<dyn SourceTransport>,
-    decoy: GuestMemory,
-    lied: Mutex<bool>,
-}
-
-impl SourceTransport for LyingTransport {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn streams(&self) -> usize {
-        self.inner.streams()
-    }
-    fn send(
-        &self,
-        stream: usize,
-        memory: &GuestMemory,
-        frames: &[Frame],
-    ) -> Result<u64, TransportError> {
-        let mut lied = self.lied.lock().unwrap();
-        if !*lied && frames.iter().any(|f| matches!(f, Frame::Pages { .. })) {
-            *lied = true;
-            return self.inner.send(stream, &self.decoy, frames);
-        }
-        drop(lied);
-        self.inner.send(stream, memory, frames)
-    }
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-}
-
 #[test]
 fn a_digest_mismatch_fails_back() {
     // A nearly idle guest: it cannot re-send all 256 corrupted pages, so the digests differ.
@@ -588,10 +357,14 @@ fn a_digest_mismatch_fails_back() {
         params,
         &mut tracker,
         |inner| {
-            Arc::new(LyingTransport {
-                inner,
-                decoy,
-                lied: Mutex::new(false),
+            // Sends one batch of pages from another memory: the destination lands wrong bytes.
+            let lied = AtomicBool::new(false);
+            HookedTransport::wrap(inner, move |inner, stream, memory, frames| {
+                let has_pages = frames.iter().any(|f| matches!(f, Frame::Pages { .. }));
+                if has_pages && !lied.swap(true, Ordering::SeqCst) {
+                    return inner.send(stream, &decoy, frames);
+                }
+                inner.send(stream, memory, frames)
             })
         },
         |_| {},

@@ -1,0 +1,243 @@
+//! Shared harness for the engine tests: a loopback link, one migration with optional fault
+//! injection, and the hooks that inject it at the seams (tracker, transport).
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_dataplane::engine::destination::{migrate_in, DestinationContext, IncomingReport};
+use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
+use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport};
+use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
+use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::transport::tcp::{TcpDestination, TcpSource};
+use ferry_dataplane::transport::{SourceTransport, TransportError};
+use ferry_dataplane::wire::Frame;
+
+pub fn spec(name: &str, mib: u64, rate_mb: u64, pattern: Pattern) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        memory_bytes: mib << 20,
+        vcpus: 2,
+        dirty_rate_bytes_per_s: rate_mb << 20,
+        pattern,
+        seed: 42,
+        fill_percent: 100,
+    }
+}
+
+pub struct Link {
+    pub source_control: TcpStream,
+    pub source_data: Vec<TcpStream>,
+    pub destination_control: TcpStream,
+    pub destination_data: Vec<TcpStream>,
+}
+
+pub fn link(streams: usize) -> Link {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pair = || {
+        let a = TcpStream::connect(addr).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        (a, b)
+    };
+    let (source_control, destination_control) = pair();
+    let (source_data, destination_data) = (0..streams).map(|_| pair()).unzip();
+    Link {
+        source_control,
+        source_data,
+        destination_control,
+        destination_data,
+    }
+}
+
+pub struct Outcome {
+    pub source: Result<MigrationReport, EngineError>,
+    pub destination: Result<IncomingReport, EngineError>,
+}
+
+/// Runs one migration from `vm` to a fresh incoming VM; `wrap` may replace the source
+/// transport, `tracker` the dirty tracker, `before` runs on the raw sockets first.
+pub fn migrate(
+    vm: &ReferenceVm,
+    incoming: &ReferenceVm,
+    params: MigrationParams,
+    tracker: &mut dyn DirtyTracker,
+    wrap: impl FnOnce(Arc<dyn SourceTransport>) -> Arc<dyn SourceTransport>,
+    before: impl FnOnce(&mut Link),
+    cancel: &AtomicBool,
+) -> Outcome {
+    let mut link = link(params.streams);
+    before(&mut link);
+    let Link {
+        source_control,
+        source_data,
+        destination_control,
+        destination_data,
+    } = link;
+    let transport = wrap(Arc::new(TcpSource::new(source_data).unwrap()));
+    let destination_cancel = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let destination = s.spawn(|| {
+            migrate_in(DestinationContext {
+                guest: incoming,
+                control: destination_control,
+                transport: Box::new(TcpDestination::new(destination_data).unwrap()),
+                cancel: &destination_cancel,
+            })
+        });
+        let source = trace(vm, tracker, cancel).and_then(|trace| {
+            migrate_out(
+                SourceContext {
+                    guest: vm,
+                    tracker,
+                    trace,
+                    control: source_control,
+                    transport,
+                    params: &params,
+                    started: Instant::now(),
+                    prefault_ms: incoming.prefault_ms(),
+                    cancel,
+                },
+                &mut |_| {},
+            )
+        });
+        Outcome {
+            source,
+            destination: destination.join().unwrap(),
+        }
+    })
+}
+
+pub fn steps_increase(vm: &ReferenceVm) {
+    let before = vm.status().total_steps;
+    std::thread::sleep(Duration::from_millis(200));
+    let after = vm.status().total_steps;
+    assert!(
+        after > before,
+        "the VM is not running: steps {before} -> {after}"
+    );
+}
+
+pub fn assert_failed_back(vm: &ReferenceVm, outcome: &Outcome) {
+    assert!(
+        outcome.source.is_err(),
+        "source should have failed: {:?}",
+        outcome.source
+    );
+    assert!(
+        outcome.destination.is_err(),
+        "destination should have failed"
+    );
+    assert!(
+        vm.status().running,
+        "source VM must run again after fail-back"
+    );
+    steps_increase(vm);
+    let report = vm.verify().unwrap();
+    assert!(
+        report.ok,
+        "source VM must verify after fail-back: {report:?}"
+    );
+}
+
+pub fn identity(t: Arc<dyn SourceTransport>) -> Arc<dyn SourceTransport> {
+    t
+}
+
+/// What a hooked send does instead: it gets the real transport to call or not.
+type SendHook = dyn Fn(&dyn SourceTransport, usize, &GuestMemory, &[Frame]) -> Result<u64, TransportError>
+    + Send
+    + Sync;
+
+/// A transport whose sends go through a test's hook (to fail, delay or lie).
+pub struct HookedTransport {
+    inner: Arc<dyn SourceTransport>,
+    on_send: Box<SendHook>,
+}
+
+impl HookedTransport {
+    /// Wraps `inner`; every send goes through `on_send`.
+    pub fn wrap(
+        inner: Arc<dyn SourceTransport>,
+        on_send: impl Fn(&dyn SourceTransport, usize, &GuestMemory, &[Frame]) -> Result<u64, TransportError>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Arc<dyn SourceTransport> {
+        Arc::new(Self {
+            inner,
+            on_send: Box::new(on_send),
+        })
+    }
+}
+
+impl SourceTransport for HookedTransport {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn streams(&self) -> usize {
+        self.inner.streams()
+    }
+    fn send(
+        &self,
+        stream: usize,
+        memory: &GuestMemory,
+        frames: &[Frame],
+    ) -> Result<u64, TransportError> {
+        (self.on_send)(self.inner.as_ref(), stream, memory, frames)
+    }
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+}
+
+/// A tracker whose collections and put-backs pass through a test's hooks.
+pub struct HookedTracker<T> {
+    inner: T,
+    on_collect: Box<dyn FnMut(DirtyBitmap) -> DirtyBitmap + Send>,
+    on_put_back: Box<dyn FnMut(&DirtyBitmap) + Send>,
+}
+
+impl<T: DirtyTracker> HookedTracker<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            on_collect: Box::new(|set| set),
+            on_put_back: Box::new(|_| {}),
+        }
+    }
+
+    /// Sees (and may replace) every collected set.
+    pub fn on_collect(
+        mut self,
+        hook: impl FnMut(DirtyBitmap) -> DirtyBitmap + Send + 'static,
+    ) -> Self {
+        self.on_collect = Box::new(hook);
+        self
+    }
+
+    /// Sees every put-back set (which still reaches the real tracker).
+    pub fn on_put_back(mut self, hook: impl FnMut(&DirtyBitmap) + Send + 'static) -> Self {
+        self.on_put_back = Box::new(hook);
+        self
+    }
+}
+
+impl<T: DirtyTracker> DirtyTracker for HookedTracker<T> {
+    fn start(&mut self) -> Result<(), TrackerError> {
+        self.inner.start()
+    }
+    fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
+        let set = self.inner.collect()?;
+        Ok((self.on_collect)(set))
+    }
+    fn put_back(&mut self, pages: &DirtyBitmap) {
+        (self.on_put_back)(pages);
+        self.inner.put_back(pages)
+    }
+    fn name(&self) -> &'static str {
+        "hooked"
+    }
+}
