@@ -9,23 +9,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_dataplane::engine::{EngineError, MigrationParams};
-use ferry_dataplane::guest::reference::{Pattern, ReferenceVm};
+use ferry_dataplane::guest::reference::Pattern;
 use ferry_dataplane::guest::Guest;
-use ferry_dataplane::memory::tracker::UffdWpTracker;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory};
 use ferry_dataplane::transport::TransportError;
 use ferry_dataplane::wire::Frame;
 use support::{
-    assert_failed_back, identity, migrate, spec, steps_increase, HookedTracker, HookedTransport,
+    assert_failed_back, boot_pair, identity, kernel_tracker, migrate, spec, steps_increase,
+    HookedTracker, HookedTransport,
 };
 
 #[test]
 fn busy_vm_moves_and_verifies_on_the_destination() {
     for pattern in [Pattern::Uniform, Pattern::Hotset, Pattern::Sweep] {
-        let vm = ReferenceVm::boot(spec("e2e", 64, 100, pattern)).unwrap();
-        let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
+        let (vm, incoming) = boot_pair(spec("e2e", 64, 100, pattern));
         std::thread::sleep(Duration::from_millis(100));
-        let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+        let mut tracker = kernel_tracker(&vm);
         let params = MigrationParams {
             streams: 3,
             ..Default::default()
@@ -71,8 +70,7 @@ fn busy_vm_moves_and_verifies_on_the_destination() {
 /// sides' digests differ, and the migration fails back. Either way nothing passes silently.
 #[test]
 fn a_tracker_that_drops_one_collection_is_caught() {
-    let vm = ReferenceVm::boot(spec("drop", 64, 200, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
+    let (vm, incoming) = boot_pair(spec("drop", 64, 200, Pattern::Uniform));
     // A downtime target of 0 never converges, so there are exactly `rounds_max` pre-copy
     // rounds. The second collection (pages written during round 1) is dropped: those pages
     // were last sent with the bytes the source hashed, so usually only verify can tell.
@@ -84,17 +82,16 @@ fn a_tracker_that_drops_one_collection_is_caught() {
     };
     // Drops the second collection: its pages are never sent again.
     let (collections, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut tracker = HookedTracker::new(UffdWpTracker::new(Arc::clone(vm.memory())).unwrap())
-        .on_collect({
-            let (collections, dropped) = (Arc::clone(&collections), Arc::clone(&dropped));
-            move |set| {
-                if collections.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
-                    dropped.store(set.count(), Ordering::SeqCst);
-                    return DirtyBitmap::new(set.pages());
-                }
-                set
+    let mut tracker = HookedTracker::new(kernel_tracker(&vm)).on_collect({
+        let (collections, dropped) = (Arc::clone(&collections), Arc::clone(&dropped));
+        move |set| {
+            if collections.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
+                dropped.store(set.count(), Ordering::SeqCst);
+                return DirtyBitmap::new(set.pages());
             }
-        });
+            set
+        }
+    });
     let outcome = migrate(
         &vm,
         &incoming,
@@ -133,16 +130,14 @@ fn a_tracker_that_drops_one_collection_is_caught() {
 
 #[test]
 fn a_failed_send_puts_the_dirty_set_back_and_fails_back() {
-    let vm = ReferenceVm::boot(spec("putback", 32, 50, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
+    let (vm, incoming) = boot_pair(spec("putback", 32, 50, Pattern::Uniform));
     let put_back = Arc::new(AtomicU64::new(0));
-    let mut tracker = HookedTracker::new(UffdWpTracker::new(Arc::clone(vm.memory())).unwrap())
-        .on_put_back({
-            let put_back = Arc::clone(&put_back);
-            move |pages| {
-                put_back.fetch_add(pages.count() as u64, Ordering::SeqCst);
-            }
-        });
+    let mut tracker = HookedTracker::new(kernel_tracker(&vm)).on_put_back({
+        let put_back = Arc::clone(&put_back);
+        move |pages| {
+            put_back.fetch_add(pages.count() as u64, Ordering::SeqCst);
+        }
+    });
     let params = MigrationParams {
         streams: 2,
         ..Default::default()
@@ -187,9 +182,8 @@ fn a_failed_send_puts_the_dirty_set_back_and_fails_back() {
 
 #[test]
 fn cancel_during_precopy_leaves_the_vm_running_on_the_source() {
-    let vm = ReferenceVm::boot(spec("cancel", 64, 50, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
-    let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+    let (vm, incoming) = boot_pair(spec("cancel", 64, 50, Pattern::Uniform));
+    let mut tracker = kernel_tracker(&vm);
     let params = MigrationParams {
         streams: 2,
         bandwidth_max_bytes_per_s: Some(20 << 20),
@@ -232,9 +226,8 @@ fn corrupt_stream_fails_back(bytes: Vec<u8>, expect: &str) {
 
 /// Writes `bytes` first on data stream 1 (and closes it when `close`), then migrates.
 fn corrupt_stream_then(bytes: Vec<u8>, close: bool, expect: &str) {
-    let vm = ReferenceVm::boot(spec("corrupt", 16, 20, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
-    let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+    let (vm, incoming) = boot_pair(spec("corrupt", 16, 20, Pattern::Uniform));
+    let mut tracker = kernel_tracker(&vm);
     let params = MigrationParams {
         streams: 2,
         ..Default::default()
@@ -342,9 +335,8 @@ fn an_oversized_frame_fails_back() {
 #[test]
 fn a_digest_mismatch_fails_back() {
     // A nearly idle guest: it cannot re-send all 256 corrupted pages, so the digests differ.
-    let vm = ReferenceVm::boot(spec("digest", 16, 1, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
-    let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+    let (vm, incoming) = boot_pair(spec("digest", 16, 1, Pattern::Uniform));
+    let mut tracker = kernel_tracker(&vm);
     let decoy = GuestMemory::new("decoy", 16 << 20).unwrap();
     decoy.write_byte(0, 1);
     let params = MigrationParams {
@@ -381,9 +373,8 @@ fn a_digest_mismatch_fails_back() {
 #[test]
 fn a_guest_that_outruns_the_link_is_throttled_and_still_moves_intact() {
     // 300 MB/s of dirtying against a 60 MB/s link: pre-copy cannot converge by itself.
-    let vm = ReferenceVm::boot(spec("throttle", 32, 300, Pattern::Uniform)).unwrap();
-    let incoming = ReferenceVm::incoming(vm.spec().clone()).unwrap();
-    let mut tracker = UffdWpTracker::new(Arc::clone(vm.memory())).unwrap();
+    let (vm, incoming) = boot_pair(spec("throttle", 32, 300, Pattern::Uniform));
+    let mut tracker = kernel_tracker(&vm);
     let params = MigrationParams {
         streams: 2,
         downtime_ms: 20,

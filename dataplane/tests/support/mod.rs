@@ -10,6 +10,8 @@ use ferry_dataplane::engine::destination::{migrate_in, DestinationContext, Incom
 use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
 use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport};
 use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
+use ferry_dataplane::guest::Guest;
+use ferry_dataplane::memory::tracker::UffdWpTracker;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
 use ferry_dataplane::transport::tcp::{TcpDestination, TcpSource};
 use ferry_dataplane::transport::{SourceTransport, TransportError};
@@ -25,6 +27,18 @@ pub fn spec(name: &str, mib: u64, rate_mb: u64, pattern: Pattern) -> VmSpec {
         seed: 42,
         fill_percent: 100,
     }
+}
+
+/// A booted source VM and an incoming VM of the same spec on the "destination".
+pub fn boot_pair(spec: VmSpec) -> (ReferenceVm, ReferenceVm) {
+    let source = ReferenceVm::boot(spec).expect("booting the source VM");
+    let incoming = ReferenceVm::incoming(source.spec().clone()).expect("creating the incoming VM");
+    (source, incoming)
+}
+
+/// The kernel dirty tracker over `vm`'s memory.
+pub fn kernel_tracker(vm: &ReferenceVm) -> UffdWpTracker {
+    UffdWpTracker::new(Arc::clone(vm.memory())).expect("registering the uffd-wp tracker")
 }
 
 pub struct Link {
