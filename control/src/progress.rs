@@ -92,12 +92,22 @@ pub fn describe(progress: &Progress) -> String {
     }
     let _ = write!(
         line,
-        " · sent {} @ {} · dirty {} · downtime≈{}",
+        " · sent {} @ {}",
         format_bytes(progress.bytes_sent),
         format_rate(progress.rate_bytes_per_s as f64),
-        format_bytes(progress.dirty_pages.saturating_mul(PAGE_SIZE as u64)),
-        format_ms(progress.predicted_downtime_ms),
     );
+    // Nothing has been collected before round 0 ends: say so rather than "0 B".
+    let measured = progress.round > 0 || progress.phase == Some(Phase::SwitchOver);
+    if measured {
+        let _ = write!(
+            line,
+            " · dirty {} · downtime≈{}",
+            format_bytes(progress.dirty_pages.saturating_mul(PAGE_SIZE as u64)),
+            format_ms(progress.predicted_downtime_ms),
+        );
+    } else {
+        line.push_str(" · dirty set after the first pass");
+    }
     if progress.throttle_percent > 0 {
         let _ = write!(line, " · throttle {}%", progress.throttle_percent);
     }
@@ -184,6 +194,17 @@ mod tests {
         ] {
             assert!(line.contains(part), "{part:?} missing from {line:?}");
         }
+    }
+
+    #[test]
+    fn round_zero_has_no_dirty_set_yet() {
+        let line = describe(&Progress {
+            phase: Some(Phase::MemoryPreCopy),
+            round: 0,
+            ..Progress::default()
+        });
+        assert!(line.contains("dirty set after the first pass"), "{line}");
+        assert!(!line.contains("downtime≈"), "{line}");
     }
 
     #[test]
