@@ -122,7 +122,7 @@ pub fn describe(progress: &Progress) -> String {
 pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "migrated {vm} to {to}");
-    let rows: [(&str, String); 9] = [
+    let rows: [(&str, String); 10] = [
         ("total time", format_ms(report.total_ms)),
         ("downtime", format_ms(report.downtime_ms)),
         (
@@ -151,6 +151,13 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
             format!(
                 "{} (destination, before the transfer)",
                 format_ms(report.prefault_ms)
+            ),
+        ),
+        (
+            "trace",
+            format!(
+                "{} (source: tracking armed, pages hashed, during the pre-fault)",
+                format_ms(report.trace_ms)
             ),
         ),
     ];

@@ -71,6 +71,7 @@ pub fn migrate_out(
     }
     let transport = Arc::clone(&ctx.transport);
     let mut control = ControlChannel::<ToSource>::new(ctx.control)?;
+    let trace_ms = ctx.trace.elapsed().as_secs_f64() * 1000.0;
     let mut run = SourceRun {
         memory: Arc::clone(guest.memory()),
         digest: ctx.trace.digest,
@@ -83,6 +84,7 @@ pub fn migrate_out(
             streams: transport.streams(),
             tracker: ctx.tracker.name().to_string(),
             prefault_ms: ctx.prefault_ms,
+            trace_ms,
             ..Default::default()
         },
         progress: Progress::default(),
