@@ -152,17 +152,7 @@ impl Registry {
         let entry = entries
             .get_mut(name)
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
-        if entry.state != VmState::Running {
-            return Err(RegistryError::Busy {
-                name: name.into(),
-                state: entry.state,
-                operation: "migrate",
-            });
-        }
-        let vm = entry
-            .vm
-            .clone()
-            .ok_or_else(|| RegistryError::NotReady { name: name.into() })?;
+        let vm = running_vm(name, entry, "migrate")?;
         entry.state = VmState::Migrating;
         entry.cancel = Arc::new(AtomicBool::new(false));
         Ok(Outgoing {
@@ -177,16 +167,7 @@ impl Registry {
         let entry = entries
             .get(name)
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
-        if entry.state != VmState::Running {
-            return Err(RegistryError::Busy {
-                name: name.into(),
-                state: entry.state,
-                operation: "destroy",
-            });
-        }
-        if entry.vm.is_none() {
-            return Err(RegistryError::NotReady { name: name.into() });
-        }
+        running_vm(name, entry, "destroy")?;
         Ok(entries
             .remove(name)
             .and_then(|e| e.vm)
@@ -270,6 +251,25 @@ fn describe(spec: &VmSpec, vm: &ReferenceVm, state: VmState) -> VmInfo {
         steps: status.steps,
         throttle_percent: status.throttle_percent,
     }
+}
+
+/// The VM of an entry that is running and ready, or why `operation` cannot touch it now.
+fn running_vm(
+    name: &str,
+    entry: &Entry,
+    operation: &'static str,
+) -> Result<Arc<ReferenceVm>, RegistryError> {
+    if entry.state != VmState::Running {
+        return Err(RegistryError::Busy {
+            name: name.into(),
+            state: entry.state,
+            operation,
+        });
+    }
+    entry
+        .vm
+        .clone()
+        .ok_or_else(|| RegistryError::NotReady { name: name.into() })
 }
 
 #[cfg(test)]

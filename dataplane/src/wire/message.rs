@@ -42,18 +42,23 @@ pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
             limit: MESSAGE_LEN_MAX as u64,
         });
     }
+    Ok(seal(&payload))
+}
+
+/// Header + `payload`: the message as it goes on the wire.
+fn seal(payload: &[u8]) -> Vec<u8> {
     let header = MessageHeader {
         magic: MESSAGE_MAGIC.into(),
         version: WIRE_VERSION.into(),
         reserved: 0.into(),
         len: (payload.len() as u32).into(),
         reserved2: 0.into(),
-        checksum: xxh3_64(&payload).into(),
+        checksum: xxh3_64(payload).into(),
     };
     let mut out = Vec::with_capacity(MESSAGE_HEADER_LEN + payload.len());
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Writes one message and flushes it.
@@ -243,17 +248,7 @@ mod tests {
 
     #[test]
     fn well_framed_garbage_is_a_decode_error() {
-        let payload = [0xffu8; 9];
-        let header = MessageHeader {
-            magic: MESSAGE_MAGIC.into(),
-            version: WIRE_VERSION.into(),
-            reserved: 0.into(),
-            len: (payload.len() as u32).into(),
-            reserved2: 0.into(),
-            checksum: xxh3_64(&payload).into(),
-        };
-        let mut buf = header.as_bytes().to_vec();
-        buf.extend_from_slice(&payload);
+        let buf = seal(&[0xffu8; 9]);
         assert!(matches!(
             decode_message::<Msg>(&buf, MESSAGE_LEN_MAX),
             Err(WireError::Decode { .. })
