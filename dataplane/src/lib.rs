@@ -8,6 +8,7 @@
 //! The control plane (`ferry-control`) decides *when* things happen; this crate decides
 //! *how* bytes move.
 
+pub mod disk;
 pub mod engine;
 pub mod guest;
 pub mod hash;

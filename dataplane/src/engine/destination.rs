@@ -11,9 +11,10 @@ use tracing::{info, warn};
 
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::EngineError;
+use crate::disk::{BLOCK_SIZE, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
 use crate::guest::Guest;
 use crate::memory::MemoryDigest;
-use crate::transport::{DestinationTransport, ReceiveEvent};
+use crate::transport::{DestinationTransport, DiskDestination, LandingDisk, ReceiveEvent};
 
 /// How long the destination waits for anything from the source before giving up. Pre-copy
 /// rounds report nothing on the control channel, so this bounds silence on the data streams
@@ -30,6 +31,12 @@ pub struct DestinationContext<'a> {
     pub guest: &'a dyn Guest,
     pub control: TcpStream,
     pub transport: Box<dyn DestinationTransport>,
+    /// The disk links, when the guest has disks.
+    pub disk_transport: Option<Box<dyn DiskDestination>>,
+    /// The guest's disk images were created for this migration and read as zero.
+    pub fresh_disks: bool,
+    /// Take ownership at the commit but leave the guest paused.
+    pub start_paused: bool,
     pub cancel: &'a AtomicBool,
 }
 
@@ -39,6 +46,8 @@ pub struct IncomingReport {
     pub pages_received: u64,
     pub rounds: u32,
     pub memory_digest: u64,
+    #[serde(default)]
+    pub disk_digests: Vec<u64>,
 }
 
 /// Receives pages until the switch-over. `Ok`: device state loaded, digest matched, the
@@ -49,17 +58,33 @@ pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineE
         guest,
         control,
         mut transport,
+        mut disk_transport,
+        fresh_disks,
+        start_paused,
         cancel,
     } = ctx;
     let mut control = ControlChannel::<ToDestination>::new(control)?;
-    let result = receive(guest, &mut control, transport.as_mut(), cancel);
+    let result = receive(
+        guest,
+        &mut control,
+        transport.as_mut(),
+        &mut disk_transport,
+        fresh_disks,
+        start_paused,
+        cancel,
+    );
     transport.shutdown();
+    if let Some(disk_transport) = disk_transport.as_mut() {
+        disk_transport.shutdown();
+    }
     if let Err(error) = &result {
         warn!(%error, "incoming migration failed; the VM stays with the source");
         // The peer already knows when it aborted, or when we answered NotInLockStep.
         if !matches!(
             error,
-            EngineError::PeerAborted { .. } | EngineError::DigestMismatch { .. }
+            EngineError::PeerAborted { .. }
+                | EngineError::DigestMismatch { .. }
+                | EngineError::DiskDigestMismatch { .. }
         ) {
             let _ = control.send(&ToSource::Abort {
                 reason: super::error_chain(&error),
@@ -81,9 +106,14 @@ fn receive(
     guest: &dyn Guest,
     control: &mut ControlChannel<ToDestination>,
     transport: &mut dyn DestinationTransport,
+    disk_transport: &mut Option<Box<dyn DiskDestination>>,
+    fresh_disks: bool,
+    start_paused: bool,
     cancel: &AtomicBool,
 ) -> Result<IncomingReport, EngineError> {
     let memory = Arc::clone(guest.memory());
+    let our_disks: Vec<u64> = guest.disks().iter().map(|d| d.size()).collect();
+    let disk_link_params;
     let pages = memory.pages() as u64;
     let is_cancelled = || cancel.load(Ordering::Relaxed);
     match control.recv(
@@ -96,6 +126,9 @@ fn receive(
             pages: theirs,
             streams,
             transport: kind,
+            disks,
+            disk_chunk_bytes,
+            disk_queue_depth,
         } => {
             if protocol != PROTOCOL_VERSION {
                 return Err(EngineError::Protocol {
@@ -103,7 +136,10 @@ fn receive(
                 });
             }
             if theirs != pages {
-                control.send(&ToSource::HelloAck { pages })?;
+                control.send(&ToSource::HelloAck {
+                    pages,
+                    disks: our_disks,
+                })?;
                 return Err(EngineError::SizeMismatch {
                     source_pages: theirs,
                     destination_pages: pages,
@@ -118,6 +154,27 @@ fn receive(
                     ),
                 });
             }
+            if disks != our_disks {
+                control.send(&ToSource::HelloAck {
+                    pages,
+                    disks: our_disks.clone(),
+                })?;
+                return Err(EngineError::DiskSizeMismatch {
+                    source_sizes: disks,
+                    destination_sizes: our_disks,
+                });
+            }
+            let chunk = disk_chunk_bytes as usize;
+            if !disks.is_empty()
+                && (!(BLOCK_SIZE..=CHUNK_BYTES_MAX).contains(&chunk)
+                    || !chunk.is_multiple_of(BLOCK_SIZE)
+                    || !(1..=QUEUE_DEPTH_MAX).contains(&disk_queue_depth))
+            {
+                return Err(EngineError::Protocol {
+                    reason: format!("source announced disk chunks of {chunk} bytes with queue depth {disk_queue_depth}: out of bounds"),
+                });
+            }
+            disk_link_params = (chunk, disk_queue_depth);
         }
         ToDestination::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
         other => {
@@ -128,20 +185,51 @@ fn receive(
     }
     let digest = Arc::new(MemoryDigest::new_zeroed(pages as usize));
     let (events_tx, events) = unbounded();
+    let disk_digests: Vec<Arc<MemoryDigest>> = guest
+        .disks()
+        .iter()
+        .map(|d| {
+            Arc::new(MemoryDigest::new_zeroed(
+                (d.size() / BLOCK_SIZE as u64) as usize,
+            ))
+        })
+        .collect();
+    if !guest.disks().is_empty() {
+        let Some(disk_transport) = disk_transport.as_mut() else {
+            return Err(EngineError::Protocol {
+                reason: "the guest has disks but the migration has no disk link".into(),
+            });
+        };
+        let landing = guest
+            .disks()
+            .iter()
+            .zip(&disk_digests)
+            .map(|(disk, digest)| LandingDisk {
+                image: Arc::clone(disk.image()),
+                digest: Arc::clone(digest),
+                fresh: fresh_disks,
+            })
+            .collect();
+        let (chunk, depth) = disk_link_params;
+        disk_transport.start(landing, chunk, depth, events_tx.clone())?;
+    }
     transport.start(Arc::clone(&memory), Arc::clone(&digest), events_tx)?;
-    control.send(&ToSource::HelloAck { pages })?;
+    control.send(&ToSource::HelloAck {
+        pages,
+        disks: our_disks,
+    })?;
 
     let streams = transport.streams();
     // Next round each stream will end, and pages landed.
     let mut stream_round = vec![0u32; streams];
     let mut pages_received = 0u64;
-    let mut switchover: Option<(u32, Vec<u8>, u64)> = None;
+    let mut switchover: Option<(u32, Vec<u8>, u64, Vec<u64>)> = None;
     let mut last_heard = Instant::now();
     loop {
         if is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        if let Some((final_round, _, _)) = &switchover {
+        if let Some((final_round, _, _, _)) = &switchover {
             if stream_round.iter().all(|&r| r > *final_round) {
                 break;
             }
@@ -174,9 +262,9 @@ fn receive(
                 }
             },
             recv(control.inbox()) -> msg => match msg {
-                Ok(Ok(ToDestination::SwitchOver { final_round, device_state, digest })) => {
+                Ok(Ok(ToDestination::SwitchOver { final_round, device_state, digest, disk_digests })) => {
                     last_heard = Instant::now();
-                    switchover = Some((final_round, device_state, digest));
+                    switchover = Some((final_round, device_state, digest, disk_digests));
                 }
                 Ok(Ok(ToDestination::Abort { reason })) => return Err(EngineError::PeerAborted { reason }),
                 Ok(Ok(other)) => return Err(EngineError::Protocol { reason: format!("unexpected {other:?} before the switch-over") }),
@@ -186,19 +274,38 @@ fn receive(
             default(Duration::from_millis(50)) => {}
         }
     }
-    let (final_round, device_state, source_digest) =
+    let (final_round, device_state, source_digest, source_disk_digests) =
         switchover.expect("loop ends only after the switch-over");
-    // Lock-step proof: the digest both sides kept while pages were sent and landed.
+    // Every disk write was acknowledged before the source quiesced; make them durable
+    // before saying prepared.
+    for disk in guest.disks() {
+        disk.image().sync()?;
+    }
+    // Lock-step proof: the digests both sides kept while pages and blocks were sent and
+    // landed.
     let ours = digest.value();
-    if ours != source_digest {
-        control.send(&ToSource::NotInLockStep { digest: ours })?;
-        return Err(EngineError::DigestMismatch {
-            source_digest,
-            destination_digest: ours,
+    let our_disk_digests: Vec<u64> = disk_digests.iter().map(|d| d.value()).collect();
+    if ours != source_digest || our_disk_digests != source_disk_digests {
+        control.send(&ToSource::NotInLockStep {
+            digest: ours,
+            disk_digests: our_disk_digests.clone(),
+        })?;
+        if ours != source_digest {
+            return Err(EngineError::DigestMismatch {
+                source_digest,
+                destination_digest: ours,
+            });
+        }
+        return Err(EngineError::DiskDigestMismatch {
+            source_digests: source_disk_digests,
+            destination_digests: our_disk_digests,
         });
     }
     guest.load_state(&device_state)?;
-    control.send(&ToSource::Prepared { digest: ours })?;
+    control.send(&ToSource::Prepared {
+        digest: ours,
+        disk_digests: our_disk_digests.clone(),
+    })?;
     let never = || false;
     match control.recv(
         Instant::now() + COMMIT_WAIT_MAX,
@@ -213,7 +320,9 @@ fn receive(
             })
         }
     }
-    guest.resume()?;
+    if !start_paused {
+        guest.resume()?;
+    }
     control.send(&ToSource::Resumed)?;
     info!(
         pages_received,
@@ -224,5 +333,6 @@ fn receive(
         pages_received,
         rounds: final_round + 1,
         memory_digest: ours,
+        disk_digests: our_disk_digests,
     })
 }

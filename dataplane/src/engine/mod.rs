@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{DirectIo, DiskError, LatencySummary};
 use crate::guest::GuestError;
 use crate::memory::TrackerError;
 use crate::transport::TransportError;
@@ -15,6 +16,7 @@ use crate::wire::WireError;
 
 pub mod convergence;
 pub mod destination;
+mod disk_copy;
 pub mod pacer;
 pub mod protocol;
 mod sender;
@@ -50,7 +52,35 @@ pub struct MigrationParams {
     pub bandwidth_max_bytes_per_s: Option<u64>,
     /// Bound on the switch-over: quiesce to resume.
     pub switchover_timeout_ms: u64,
+    /// Bulk-copy chunk (a multiple of 4 KiB in 128 KiB..=8 MiB).
+    #[serde(default = "disk_chunk_bytes_default")]
+    pub disk_chunk_bytes: u32,
+    /// io_uring queue depth of the bulk copy (reads on the source, writes on the destination).
+    #[serde(default = "disk_queue_depth_default")]
+    pub disk_queue_depth: u32,
+    /// How the destination opens the disk images it creates.
+    #[serde(default)]
+    pub direct_io: DirectIo,
+    /// The destination takes the VM over but leaves it paused until told to resume
+    /// (`ferry vm resume`), like QEMU's `-S` on an incoming VM.
+    #[serde(default)]
+    pub start_paused: bool,
+    /// After a successful hand-over the source keeps its disk images instead of deleting
+    /// the ones its agent created (for inspection, or to compare with the destination's).
+    #[serde(default)]
+    pub keep_source_disks: bool,
 }
+
+fn disk_chunk_bytes_default() -> u32 {
+    crate::disk::CHUNK_BYTES_DEFAULT as u32
+}
+
+fn disk_queue_depth_default() -> u32 {
+    crate::disk::QUEUE_DEPTH_DEFAULT
+}
+
+/// Smallest bulk-copy chunk: mirrored writes up to this size travel as one request.
+pub const DISK_CHUNK_BYTES_MIN: u32 = 128 << 10;
 
 impl Default for MigrationParams {
     fn default() -> Self {
@@ -61,6 +91,11 @@ impl Default for MigrationParams {
             precopy_timeout_ms: 120_000,
             bandwidth_max_bytes_per_s: None,
             switchover_timeout_ms: 10_000,
+            disk_chunk_bytes: disk_chunk_bytes_default(),
+            disk_queue_depth: disk_queue_depth_default(),
+            direct_io: DirectIo::Auto,
+            start_paused: false,
+            keep_source_disks: false,
         }
     }
 }
@@ -81,6 +116,23 @@ impl MigrationParams {
         if self.switchover_timeout_ms == 0 {
             return bad("switch-over timeout must be above 0".into());
         }
+        let chunk = self.disk_chunk_bytes;
+        if !(DISK_CHUNK_BYTES_MIN..=crate::disk::CHUNK_BYTES_MAX as u32).contains(&chunk)
+            || !(chunk as usize).is_multiple_of(crate::disk::BLOCK_SIZE)
+        {
+            return bad(format!(
+                "disk chunk size {chunk} must be a multiple of 4 KiB in {}..={} bytes",
+                DISK_CHUNK_BYTES_MIN,
+                crate::disk::CHUNK_BYTES_MAX
+            ));
+        }
+        if !(1..=crate::disk::QUEUE_DEPTH_MAX).contains(&self.disk_queue_depth) {
+            return bad(format!(
+                "disk queue depth must be 1..={}, not {}",
+                crate::disk::QUEUE_DEPTH_MAX,
+                self.disk_queue_depth
+            ));
+        }
         Ok(())
     }
 }
@@ -89,6 +141,7 @@ impl MigrationParams {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     Prepare,
+    DiskCopy,
     MemoryPreCopy,
     SwitchOver,
     Done,
@@ -99,6 +152,7 @@ impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Phase::Prepare => "prepare",
+            Phase::DiskCopy => "disk-copy",
             Phase::MemoryPreCopy => "pre-copy",
             Phase::SwitchOver => "switch-over",
             Phase::Done => "done",
@@ -128,8 +182,52 @@ pub struct Progress {
     pub throttle_percent: u8,
     /// Time since the migration started.
     pub elapsed_ms: u64,
-    /// Estimated time to the end of the current round.
+    /// Estimated time to the end of the current round (or of the disk's bulk copy).
     pub eta_ms: Option<u64>,
+    /// Per disk: the bulk copy's progress, and mirroring after it.
+    #[serde(default)]
+    pub disks: Vec<DiskProgress>,
+}
+
+/// One disk's bulk copy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskProgress {
+    pub bytes_total: u64,
+    /// Bytes behind the cursor (written on the destination).
+    pub bytes_copied: u64,
+    pub rate_bytes_per_s: u64,
+    pub eta_ms: Option<u64>,
+    /// Guest writes mirrored so far.
+    pub mirrored_writes: u64,
+}
+
+/// What happened to one disk.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub bytes: u64,
+    /// Bulk copy: bytes sent with payload, and bytes sent as zero markers.
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub copy_ms: f64,
+    pub copy_bytes_per_s: f64,
+    pub chunk_bytes: u32,
+    pub queue_depth: u32,
+    /// The source image was read with O_DIRECT.
+    pub direct_io: bool,
+    /// io_uring buffers were registered.
+    pub registered_buffers: bool,
+    pub mirrored_writes: u64,
+    pub mirrored_bytes: u64,
+    /// Guest writes ahead of the cursor during the migration (local only).
+    pub local_writes: u64,
+    /// Guest writes that waited for the chunk in flight.
+    pub waited_for_copy: u64,
+    /// Guest write latency: mirrored, ahead of the cursor, and before the migration.
+    pub mirrored_latency: LatencySummary,
+    pub local_latency: LatencySummary,
+    pub unmirrored_latency: LatencySummary,
+    /// Digest both sides agreed on.
+    pub digest: u64,
 }
 
 /// The outcome of a migration, as `ferry migrate --json` prints it.
@@ -166,6 +264,11 @@ pub struct MigrationReport {
     pub final_pages: u64,
     /// Digest both sides agreed on.
     pub memory_digest: u64,
+    /// Time from the start of the bulk copy to its end (0 without disks).
+    #[serde(default)]
+    pub disk_copy_ms: f64,
+    #[serde(default)]
+    pub disks: Vec<DiskReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +301,18 @@ pub enum EngineError {
     SwitchoverTimeout { timeout_ms: u64 },
     #[error("the VM was handed over (commit point passed) but the destination did not confirm resuming it: {reason}")]
     LostAfterCommit { reason: String },
+    #[error("disk error")]
+    Disk(#[from] DiskError),
+    #[error("disk digests differ at the switch-over (source {source_digests:x?}, destination {destination_digests:x?}): the disks are not in lock-step")]
+    DiskDigestMismatch {
+        source_digests: Vec<u64>,
+        destination_digests: Vec<u64>,
+    },
+    #[error("disks differ: source has {source_sizes:?} bytes, destination {destination_sizes:?}")]
+    DiskSizeMismatch {
+        source_sizes: Vec<u64>,
+        destination_sizes: Vec<u64>,
+    },
     #[error("memory sizes differ: source {source_pages} pages, destination {destination_pages}")]
     SizeMismatch {
         source_pages: u64,

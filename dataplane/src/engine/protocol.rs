@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! source                                    destination
-//!   Hello{pages, streams} ───────────────▶   checks sizes
-//!                         ◀───────────────   HelloAck
+//!   Hello{pages, streams, disks} ────────▶   checks sizes
+//!                         ◀───────────────   HelloAck{pages, disks}
+//!   (bulk copy of each disk on the disk links; mirrored writes from then on)
 //!   (rounds of pages on the data streams, each ending with a RoundEnd frame per stream)
 //!   quiesce, final round
-//!   SwitchOver{final_round, state, digest} ▶ waits for every stream's final RoundEnd,
-//!                                            compares digests, loads the device state
-//!                         ◀───────────────   Prepared{digest}   (or NotInLockStep{digest}, Abort{reason})
+//!   SwitchOver{final_round, state,     ──▶ waits for every stream's final RoundEnd,
+//!              digest, disk_digests}          syncs the disks, compares digests, loads the state
+//!                         ◀───────────────   Prepared{digests}   (or NotInLockStep{digests}, Abort{reason})
 //!   ── commit point: the source will never run the VM again ──
 //!   Commit ──────────────────────────────▶   resumes the guest
 //!                         ◀───────────────   Resumed
@@ -25,7 +26,7 @@ use super::EngineError;
 use crate::wire::{read_message, write_message, WireError};
 
 /// Version of this message set (independent of the frame format).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control message: the device state travels in `SwitchOver`.
 pub const CONTROL_MESSAGE_MAX: u32 = 8 << 20;
 
@@ -36,11 +37,18 @@ pub enum ToDestination {
         pages: u64,
         streams: u32,
         transport: String,
+        /// Size of each disk, in bytes (empty: memory only).
+        disks: Vec<u64>,
+        /// Largest disk request (bulk chunk or mirrored write piece) the source sends.
+        disk_chunk_bytes: u32,
+        /// Writes the destination keeps in flight per disk lane.
+        disk_queue_depth: u32,
     },
     SwitchOver {
         final_round: u32,
         device_state: Vec<u8>,
         digest: u64,
+        disk_digests: Vec<u64>,
     },
     Commit,
     Abort {
@@ -52,13 +60,16 @@ pub enum ToDestination {
 pub enum ToSource {
     HelloAck {
         pages: u64,
+        disks: Vec<u64>,
     },
     Prepared {
         digest: u64,
+        disk_digests: Vec<u64>,
     },
-    /// The destination's digest differs from the source's: not prepared.
+    /// The destination's digests differ from the source's: not prepared.
     NotInLockStep {
         digest: u64,
+        disk_digests: Vec<u64>,
     },
     Resumed,
     Abort {

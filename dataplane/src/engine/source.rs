@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::convergence::{predicted_downtime_ms, Convergence, Decision, RoundMeasurement};
+use super::disk_copy::DiskSession;
 use super::pacer::Pacer;
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::sender::{DoneOnDrop, RoundCounters, StreamSender, StreamSent};
@@ -21,7 +22,7 @@ pub use super::trace::{trace, Trace};
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::guest::Guest;
 use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE};
-use crate::transport::SourceTransport;
+use crate::transport::{DiskSource, SourceTransport};
 
 /// How often progress is reported while a round is sent.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -31,10 +32,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Everything the source needs; the control plane fills it in after connecting.
 pub struct SourceContext<'a> {
     pub guest: &'a dyn Guest,
-    /// The guest's tracker, already started by [`trace`].
+    /// The guest's tracker: already started by [`trace`] when `trace` is `Some`.
     pub tracker: &'a mut dyn DirtyTracker,
-    /// What [`trace`] returned for this guest and tracker.
-    pub trace: Trace,
+    /// What [`trace`] returned for this guest and tracker, when the caller overlapped the
+    /// trace phase with the destination's preparation (a memory-only VM). `None`: the
+    /// engine traces after the disks' bulk copy, as the phases require.
+    pub trace: Option<Trace>,
+    /// The disk links, when the guest has disks.
+    pub disk_link: Option<Arc<dyn DiskSource>>,
     /// Control channel to the destination engine (already past the agents' handshake).
     pub control: TcpStream,
     pub transport: Arc<dyn SourceTransport>,
@@ -60,21 +65,32 @@ pub fn migrate_out(
 ) -> Result<MigrationReport, EngineError> {
     ctx.params.validate()?;
     let guest = ctx.guest;
-    if ctx.trace.traced_pages != guest.memory().pages() {
+    if let Some(trace) = &ctx.trace {
+        if trace.traced_pages != guest.memory().pages() {
+            return Err(EngineError::BadParams {
+                reason: format!(
+                    "the trace covers {} pages, the guest has {}",
+                    trace.traced_pages,
+                    guest.memory().pages()
+                ),
+            });
+        }
+    }
+    if !guest.disks().is_empty() && ctx.disk_link.is_none() {
         return Err(EngineError::BadParams {
-            reason: format!(
-                "the trace covers {} pages, the guest has {}",
-                ctx.trace.traced_pages,
-                guest.memory().pages()
-            ),
+            reason: "the guest has disks but the migration has no disk link".into(),
         });
     }
     let transport = Arc::clone(&ctx.transport);
     let mut control = ControlChannel::<ToSource>::new(ctx.control)?;
-    let trace_ms = ctx.trace.elapsed().as_secs_f64() * 1000.0;
+    let trace_ms = ctx
+        .trace
+        .as_ref()
+        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
     let mut run = SourceRun {
         memory: Arc::clone(guest.memory()),
-        digest: ctx.trace.digest,
+        digest: ctx.trace.map(|t| t.digest),
+        disk_link: ctx.disk_link,
         transport: Arc::clone(&transport),
         params: ctx.params,
         started: ctx.started,
@@ -102,6 +118,12 @@ pub fn migrate_out(
             Err(error)
         }
         Err(error) => {
+            // A broken data or disk link is usually the destination giving up: prefer its
+            // reason when it sends one.
+            let error = match error {
+                EngineError::Transport(_) => peer_reason(&control).unwrap_or(error),
+                error => error,
+            };
             // Fail back: the VM resumes here with its own memory; nothing was handed over.
             warn!(%error, "migration failed before the commit point; resuming the VM on the source");
             let _ = control.send(&ToDestination::Abort {
@@ -119,9 +141,27 @@ pub fn migrate_out(
     }
 }
 
+/// How long a failed source waits for the destination's reason.
+const ABORT_GRACE: Duration = Duration::from_millis(300);
+
+/// The destination's `Abort`, if it sends one shortly.
+fn peer_reason(control: &ControlChannel<ToSource>) -> Option<EngineError> {
+    let deadline = Instant::now() + ABORT_GRACE;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match control.inbox().recv_timeout(left) {
+            Ok(Ok(ToSource::Abort { reason })) => return Some(EngineError::PeerAborted { reason }),
+            Ok(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+    None
+}
+
 struct SourceRun<'a> {
     memory: Arc<GuestMemory>,
-    digest: MemoryDigest,
+    /// Set by the trace phase (before the first round).
+    digest: Option<MemoryDigest>,
+    disk_link: Option<Arc<dyn DiskSource>>,
     transport: Arc<dyn SourceTransport>,
     params: &'a MigrationParams,
     started: Instant,
@@ -138,6 +178,12 @@ struct RoundSent {
 }
 
 impl SourceRun<'_> {
+    fn memory_digest(&self) -> &MemoryDigest {
+        self.digest
+            .as_ref()
+            .expect("the trace phase sets the digest before the first round")
+    }
+
     fn emit(&mut self, progress: &mut dyn FnMut(&Progress)) {
         self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
         self.progress.bytes_sent = self.report.bytes_sent;
@@ -156,6 +202,7 @@ impl SourceRun<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(), EngineError> {
         let pages = self.memory.pages() as u64;
+        let disk_sizes: Vec<u64> = guest.disks().iter().map(|d| d.size()).collect();
         self.progress.phase = Some(Phase::Prepare);
         self.emit(progress);
         control.send(&ToDestination::Hello {
@@ -163,6 +210,9 @@ impl SourceRun<'_> {
             pages,
             streams: self.transport.streams() as u32,
             transport: self.transport.name().to_string(),
+            disks: disk_sizes.clone(),
+            disk_chunk_bytes: self.params.disk_chunk_bytes,
+            disk_queue_depth: self.params.disk_queue_depth,
         })?;
         let cancel = || self.cancelled();
         match control.recv(
@@ -170,11 +220,20 @@ impl SourceRun<'_> {
             &cancel,
             "the destination's hello",
         )? {
-            ToSource::HelloAck { pages: theirs } if theirs == pages => {}
-            ToSource::HelloAck { pages: theirs } => {
+            ToSource::HelloAck {
+                pages: theirs,
+                disks,
+            } if theirs == pages && disks == disk_sizes => {}
+            ToSource::HelloAck { pages: theirs, .. } if theirs != pages => {
                 return Err(EngineError::SizeMismatch {
                     source_pages: pages,
                     destination_pages: theirs,
+                })
+            }
+            ToSource::HelloAck { disks, .. } => {
+                return Err(EngineError::DiskSizeMismatch {
+                    source_sizes: disk_sizes,
+                    destination_sizes: disks,
                 })
             }
             ToSource::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
@@ -185,7 +244,55 @@ impl SourceRun<'_> {
             }
         }
 
-        // The trace phase (tracking armed, pages hashed) happened before: see `trace`.
+        // Storage first: attach the mirrors, then one bulk pass per disk. Mirroring goes
+        // on until the session drops (after the hand-over, or on fail-back).
+        let disks = match &self.disk_link {
+            Some(link) => DiskSession::attach(guest.disks(), Arc::clone(link), self.params)?,
+            None => DiskSession::empty(),
+        };
+        if !disks.is_empty() {
+            self.progress.phase = Some(Phase::DiskCopy);
+            self.progress.disks = disks.progress();
+            self.emit(progress);
+            let copy_started = Instant::now();
+            let mut disks = disks;
+            let cancel_flag = self.cancel;
+            let mut on_disk_progress = |view: Vec<super::DiskProgress>| {
+                self.progress.disks = view;
+                self.progress.eta_ms = self.progress.disks.iter().find_map(|d| d.eta_ms);
+                self.progress.rate_bytes_per_s =
+                    self.progress.disks.iter().map(|d| d.rate_bytes_per_s).sum();
+                self.progress.bytes_sent =
+                    self.report.bytes_sent + self.disk_link.as_ref().map_or(0, |l| l.bytes_sent());
+                self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+                progress(&self.progress);
+            };
+            disks.bulk_copy(self.params, cancel_flag, &mut on_disk_progress)?;
+            self.report.disk_copy_ms = copy_started.elapsed().as_secs_f64() * 1e3;
+            self.progress.disks = disks.progress();
+            self.progress.eta_ms = None;
+            return self.precopy_and_switch_over(guest, tracker, control, &disks, progress);
+        }
+        self.precopy_and_switch_over(guest, tracker, control, &disks, progress)
+    }
+
+    /// Pre-copy (after tracing, if the caller did not) and the switch-over.
+    fn precopy_and_switch_over(
+        &mut self,
+        guest: &dyn Guest,
+        tracker: &mut dyn DirtyTracker,
+        control: &mut ControlChannel<ToSource>,
+        disks: &DiskSession,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), EngineError> {
+        let pages = self.memory.pages() as u64;
+        if self.digest.is_none() {
+            self.progress.phase = Some(Phase::MemoryPreCopy);
+            self.emit(progress);
+            let traced = trace(guest, tracker, self.cancel)?;
+            self.report.trace_ms = traced.elapsed().as_secs_f64() * 1e3;
+            self.digest = Some(traced.digest);
+        }
         let precopy_started = Instant::now();
         let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
         let mut convergence = Convergence::default();
@@ -193,6 +300,7 @@ impl SourceRun<'_> {
         let mut to_send = DirtyBitmap::full(pages as usize);
         self.progress.phase = Some(Phase::MemoryPreCopy);
         let stop_reason = loop {
+            disks.check()?;
             self.progress.round = round;
             let to_send_pages = to_send.count() as u64;
             let sent =
@@ -237,6 +345,9 @@ impl SourceRun<'_> {
                     }
                 }
             }
+            if !disks.is_empty() {
+                self.progress.disks = disks.progress();
+            }
             self.emit(progress);
             round += 1;
         };
@@ -262,29 +373,43 @@ impl SourceRun<'_> {
             progress,
         )?;
         let device_state = guest.save_state()?;
-        let digest = self.digest.value();
+        let digest = self.memory_digest().value();
+        // Quiesced: no guest write is in flight, every mirrored one was acknowledged.
+        disks.check()?;
+        let disk_digests = disks.digests();
         control.send(&ToDestination::SwitchOver {
             final_round,
             device_state,
             digest,
+            disk_digests: disk_digests.clone(),
         })?;
         let cancel = || self.cancelled();
         let timeout = || EngineError::SwitchoverTimeout {
             timeout_ms: self.params.switchover_timeout_ms,
         };
         match control.recv(deadline, &cancel, "the destination's prepared answer") {
-            Ok(ToSource::Prepared { digest: theirs }) if theirs == digest => {}
-            Ok(ToSource::Prepared { digest: theirs }) => {
-                return Err(EngineError::DigestMismatch {
-                    source_digest: digest,
-                    destination_digest: theirs,
-                })
-            }
-            Ok(ToSource::NotInLockStep { digest: theirs }) => {
-                return Err(EngineError::DigestMismatch {
-                    source_digest: digest,
-                    destination_digest: theirs,
-                })
+            Ok(
+                ToSource::Prepared {
+                    digest: theirs,
+                    disk_digests: their_disks,
+                }
+                | ToSource::NotInLockStep {
+                    digest: theirs,
+                    disk_digests: their_disks,
+                },
+            ) => {
+                if theirs != digest {
+                    return Err(EngineError::DigestMismatch {
+                        source_digest: digest,
+                        destination_digest: theirs,
+                    });
+                }
+                if their_disks != disk_digests {
+                    return Err(EngineError::DiskDigestMismatch {
+                        source_digests: disk_digests,
+                        destination_digests: their_disks,
+                    });
+                }
             }
             Ok(ToSource::Abort { reason }) => return Err(EngineError::PeerAborted { reason }),
             Ok(other) => {
@@ -304,6 +429,7 @@ impl SourceRun<'_> {
         // destination, so the source may still resume; once written, it never will.
         control.send(&ToDestination::Commit)?;
         self.report.memory_digest = digest;
+        self.report.disks = disks.reports();
         let never = || false;
         let ack_deadline =
             Instant::now() + Duration::from_millis(self.params.switchover_timeout_ms);
@@ -375,7 +501,10 @@ impl SourceRun<'_> {
             started: migration_started,
             ..
         } = self;
-        let (memory, digest, transport) = (&**memory, &*digest, transport.as_ref());
+        let digest = digest
+            .as_ref()
+            .expect("the trace phase sets the digest before the first round");
+        let (memory, transport) = (&**memory, transport.as_ref());
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(streams);
         let results: Vec<Result<StreamSent, EngineError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..streams)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::disk::{DiskError, VirtualDisk};
 use crate::memory::GuestMemory;
 
 pub mod reference;
@@ -25,6 +26,8 @@ pub enum GuestError {
     },
     #[error("the guest has been shut down; {operation} needs a live guest")]
     Stopped { operation: &'static str },
+    #[error("virtual disk")]
+    Disk(#[from] DiskError),
     #[error("starting the thread of vCPU {vcpu} failed")]
     Spawn { vcpu: u32, source: std::io::Error },
 }
@@ -35,6 +38,9 @@ pub enum GuestError {
 pub trait Guest: Send + Sync {
     /// The guest's RAM.
     fn memory(&self) -> &Arc<GuestMemory>;
+    /// The guest's virtual disks (possibly none). Every guest write to them passes through
+    /// [`VirtualDisk::write_at`], which is what lets a migration mirror them.
+    fn disks(&self) -> &[Arc<VirtualDisk>];
     /// Stops every vCPU at an instruction (step) boundary and returns once all have stopped.
     /// Idempotent.
     fn quiesce(&self) -> Result<(), GuestError>;

@@ -5,10 +5,15 @@
 //! order per stream, and the engine maps each page to a fixed stream, so a page sent twice
 //! can never land out of order.
 
+pub mod ack;
 pub mod tcp;
+pub mod tcp_disk;
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
+use crate::disk::{DiskError, DiskImage};
 use crate::memory::{GuestMemory, MemoryDigest};
 use crate::wire::{Frame, WireError};
 
@@ -57,6 +62,26 @@ pub enum TransportError {
     NoSuchStream { stream: usize, streams: usize },
     #[error("transport was shut down")]
     Shutdown,
+    #[error("disk link closed: {reason}")]
+    LinkClosed { reason: String },
+    #[error("the destination acknowledged request {id}, which was never sent (or twice)")]
+    UnexpectedAck { id: u32 },
+    #[error("request {id} has no ticket")]
+    UnknownTicket { id: u32 },
+    #[error("the destination did not acknowledge request {id} in time")]
+    AckTimeout { id: u32 },
+    #[error("the destination failed to write request {id}: {}", std::io::Error::from_raw_os_error(*errno as i32))]
+    PeerWriteFailed { id: u32, errno: u32 },
+    #[error("disk link {stream}: a {len}-byte request exceeds the {limit}-byte buffers announced for this migration")]
+    DiskRequestTooLarge {
+        stream: usize,
+        len: u32,
+        limit: usize,
+    },
+    #[error("disk link {stream}: frame of an unexpected kind: {what}")]
+    UnexpectedDiskFrame { stream: usize, what: String },
+    #[error("disk link {stream}")]
+    Disk { stream: usize, source: DiskError },
 }
 
 /// What a receiving stream reports to the destination engine.
@@ -102,6 +127,55 @@ pub trait DestinationTransport: Send {
         &mut self,
         memory: Arc<GuestMemory>,
         digest: Arc<MemoryDigest>,
+        events: crossbeam_channel::Sender<ReceiveEvent>,
+    ) -> Result<(), TransportError>;
+    /// Stops the receivers and joins them.
+    fn shutdown(&mut self);
+}
+
+/// The source's half of the disk path: a bulk lane (chunks, zero markers) and a mirror lane
+/// (guest writes), each ordered, with an acknowledgement coming back for every request once
+/// the destination has written it.
+pub trait DiskSource: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Sends a bulk-copy chunk of `len` bytes at `offset`: `data` (len bytes), or `None`
+    /// for a chunk that is all zero. Returns the ticket its acknowledgement completes.
+    fn send_chunk(
+        &self,
+        disk: u32,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<u32, TransportError>;
+    /// Sends a mirrored guest write.
+    fn send_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<u32, TransportError>;
+    /// Waits for a ticket's acknowledgement.
+    fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError>;
+    /// A ticket's outcome if already known.
+    fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>>;
+    /// Bytes put on the wire so far (headers included).
+    fn bytes_sent(&self) -> u64;
+    /// Closes both lanes; every wait fails.
+    fn shutdown(&self);
+}
+
+/// A disk as the destination lands it.
+pub struct LandingDisk {
+    pub image: Arc<DiskImage>,
+    /// One entry per block, updated when a write completes (before its ack).
+    pub digest: Arc<MemoryDigest>,
+    /// The image was created for this migration and reads as zero: zero chunks need no write.
+    pub fresh: bool,
+}
+
+/// The destination's half of the disk path.
+pub trait DiskDestination: Send {
+    /// Starts the receivers: `chunk_bytes` is the largest request the source announced.
+    fn start(
+        &mut self,
+        disks: Vec<LandingDisk>,
+        chunk_bytes: usize,
+        queue_depth: u32,
         events: crossbeam_channel::Sender<ReceiveEvent>,
     ) -> Result<(), TransportError>;
     /// Stops the receivers and joins them.

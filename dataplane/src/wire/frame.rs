@@ -96,54 +96,17 @@ impl Frame {
             } => (KIND_ZERO_PAGES, round, count, first),
             Frame::RoundEnd { round, pages } => (KIND_ROUND_END, round, 0, pages),
         };
-        let mut header = FrameHeader {
-            magic: FRAME_MAGIC.into(),
-            version: WIRE_VERSION.into(),
-            kind: kind.into(),
-            round: round.into(),
-            count: count.into(),
-            first: first.into(),
-            payload_len: (self.payload_len() as u32).into(),
-            reserved: 0.into(),
-            checksum: 0.into(),
-        };
-        header.checksum = header_checksum(header.as_bytes()).into();
-        let mut out = [0u8; FRAME_HEADER_LEN];
-        out.copy_from_slice(header.as_bytes());
-        out
+        seal_header(kind, round, count, first, self.payload_len() as u32, 0)
     }
 
     /// Validates a header against `limits`: magic, version, checksum, kind, lengths and page
     /// range. Nothing in a header is trusted before this returns `Ok`.
     pub fn decode(bytes: &[u8], limits: &FrameLimits) -> Result<Frame, WireError> {
-        let header = FrameHeader::read_from_bytes(bytes).map_err(|_| WireError::Truncated {
-            what: "frame header",
-            got: bytes.len(),
-            want: FRAME_HEADER_LEN,
-        })?;
-        if header.magic.get() != FRAME_MAGIC {
-            return Err(WireError::BadMagic {
-                expected: FRAME_MAGIC,
-                found: header.magic.get(),
-            });
-        }
-        if header.version.get() != WIRE_VERSION {
-            return Err(WireError::BadVersion {
-                found: header.version.get(),
-                supported: WIRE_VERSION,
-            });
-        }
-        let computed = header_checksum(bytes);
-        if computed != header.checksum.get() {
-            return Err(WireError::BadHeaderChecksum {
-                computed,
-                claimed: header.checksum.get(),
-            });
-        }
-        let round = header.round.get();
-        let count = header.count.get();
-        let first = header.first.get();
-        let payload_len = header.payload_len.get() as u64;
+        let header = open_header(bytes)?;
+        let round = header.round;
+        let count = header.count;
+        let first = header.first;
+        let payload_len = header.payload_len as u64;
         let check_pages = |kind: &'static str, expected_payload: u64| -> Result<(), WireError> {
             if count == 0 || count > limits.pages_per_frame_max {
                 return Err(WireError::TooLong {
@@ -170,7 +133,7 @@ impl Frame {
             }
             Ok(())
         };
-        match header.kind.get() {
+        match header.kind {
             KIND_PAGES => {
                 check_pages("pages", count as u64 * PAGE_SIZE as u64)?;
                 Ok(Frame::Pages {
@@ -210,6 +173,79 @@ impl Frame {
             kind => Err(WireError::UnknownKind { kind }),
         }
     }
+}
+
+/// Builds and checksums a header (shared by memory and disk frames).
+pub(super) fn seal_header(
+    kind: u16,
+    round: u32,
+    count: u32,
+    first: u64,
+    payload_len: u32,
+    reserved: u32,
+) -> [u8; FRAME_HEADER_LEN] {
+    let mut header = FrameHeader {
+        magic: FRAME_MAGIC.into(),
+        version: WIRE_VERSION.into(),
+        kind: kind.into(),
+        round: round.into(),
+        count: count.into(),
+        first: first.into(),
+        payload_len: payload_len.into(),
+        reserved: reserved.into(),
+        checksum: 0.into(),
+    };
+    header.checksum = header_checksum(header.as_bytes()).into();
+    let mut out = [0u8; FRAME_HEADER_LEN];
+    out.copy_from_slice(header.as_bytes());
+    out
+}
+
+/// The fields of a header whose magic, version and checksum have been checked; nothing
+/// else about it is trusted yet.
+pub(super) struct OpenHeader {
+    pub(super) kind: u16,
+    pub(super) round: u32,
+    pub(super) count: u32,
+    pub(super) first: u64,
+    pub(super) payload_len: u32,
+    pub(super) reserved: u32,
+}
+
+/// Checks magic, version and checksum (shared by memory and disk frames).
+pub(super) fn open_header(bytes: &[u8]) -> Result<OpenHeader, WireError> {
+    let header = FrameHeader::read_from_bytes(bytes).map_err(|_| WireError::Truncated {
+        what: "frame header",
+        got: bytes.len(),
+        want: FRAME_HEADER_LEN,
+    })?;
+    if header.magic.get() != FRAME_MAGIC {
+        return Err(WireError::BadMagic {
+            expected: FRAME_MAGIC,
+            found: header.magic.get(),
+        });
+    }
+    if header.version.get() != WIRE_VERSION {
+        return Err(WireError::BadVersion {
+            found: header.version.get(),
+            supported: WIRE_VERSION,
+        });
+    }
+    let computed = header_checksum(bytes);
+    if computed != header.checksum.get() {
+        return Err(WireError::BadHeaderChecksum {
+            computed,
+            claimed: header.checksum.get(),
+        });
+    }
+    Ok(OpenHeader {
+        kind: header.kind.get(),
+        round: header.round.get(),
+        count: header.count.get(),
+        first: header.first.get(),
+        payload_len: header.payload_len.get(),
+        reserved: header.reserved.get(),
+    })
 }
 
 fn header_checksum(header: &[u8]) -> u64 {

@@ -1,14 +1,17 @@
 //! What crosses the network, and the checks every byte of it passes before it is used.
 //!
 //! - [`frame`]: fixed-layout data frame headers (pages, zero-page runs, round markers).
+//! - [`disk_frame`]: disk frame headers (bulk-copy chunks, mirrored writes, acks).
 //! - [`message`]: length-prefixed, checksummed postcard messages for control channels.
 //!
 //! Rule for both: every length and address is checked against limits before anything is
 //! allocated or written, and bad input becomes a [`WireError`], never a panic.
 
+pub mod disk_frame;
 pub mod frame;
 pub mod message;
 
+pub use disk_frame::{DiskFrame, ACK_OK};
 pub use frame::{Frame, FrameHeader, FrameLimits, FRAME_HEADER_LEN};
 pub use message::{read_message, write_message, MESSAGE_LEN_MAX};
 
@@ -37,6 +40,17 @@ pub enum WireError {
     TooLong { len: u64, limit: u64 },
     #[error("pages {first}..{first}+{count} fall outside guest memory of {pages} pages")]
     OutOfRange { first: u64, count: u64, pages: u64 },
+    #[error("disk {disk} does not exist (the VM has {disks})")]
+    NoSuchDisk { disk: u32, disks: u32 },
+    #[error("disk offset {offset} or length {len} is not a multiple of the 4096-byte block")]
+    DiskMisaligned { offset: u64, len: u32 },
+    #[error("{len} bytes at offset {offset} fall outside disk {disk} of {size} bytes")]
+    DiskOutOfRange {
+        disk: u32,
+        offset: u64,
+        len: u32,
+        size: u64,
+    },
     #[error("connection closed in the middle of a {what} ({got} of {want} bytes)")]
     Truncated {
         what: &'static str,

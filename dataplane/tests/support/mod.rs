@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a different part of the harness
 //! Shared harness for the engine tests: a loopback link, one migration with optional fault
 //! injection, and the hooks that inject it at the seams (tracker, transport).
 
@@ -6,15 +7,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_dataplane::disk::{DirectIo, DiskImage, VirtualDisk};
 use ferry_dataplane::engine::destination::{migrate_in, DestinationContext, IncomingReport};
 use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
-use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport};
+use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport, Progress};
+use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec};
 use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::UffdWpTracker;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
 use ferry_dataplane::transport::tcp::{TcpDestination, TcpSource};
-use ferry_dataplane::transport::{SourceTransport, TransportError};
+use ferry_dataplane::transport::tcp_disk::{TcpDiskDestination, TcpDiskSource};
+use ferry_dataplane::transport::{DiskSource, SourceTransport, TransportError};
 use ferry_dataplane::wire::Frame;
 
 pub fn spec(name: &str, mib: u64, rate_mb: u64, pattern: Pattern) -> VmSpec {
@@ -26,6 +30,7 @@ pub fn spec(name: &str, mib: u64, rate_mb: u64, pattern: Pattern) -> VmSpec {
         pattern,
         seed: 42,
         fill_percent: 100,
+        disk: None,
     }
 }
 
@@ -46,9 +51,16 @@ pub struct Link {
     pub source_data: Vec<TcpStream>,
     pub destination_control: TcpStream,
     pub destination_data: Vec<TcpStream>,
+    /// Bulk and mirror lanes, when the VM has disks.
+    pub source_disk: Vec<TcpStream>,
+    pub destination_disk: Vec<TcpStream>,
 }
 
 pub fn link(streams: usize) -> Link {
+    link_with_disks(streams, false)
+}
+
+pub fn link_with_disks(streams: usize, disks: bool) -> Link {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let pair = || {
@@ -58,11 +70,72 @@ pub fn link(streams: usize) -> Link {
     };
     let (source_control, destination_control) = pair();
     let (source_data, destination_data) = (0..streams).map(|_| pair()).unzip();
+    let (source_disk, destination_disk) = (0..if disks { 2 } else { 0 }).map(|_| pair()).unzip();
     Link {
         source_control,
         source_data,
         destination_control,
         destination_data,
+        source_disk,
+        destination_disk,
+    }
+}
+
+/// A spec with a disk of `disk_mib` MiB written at `disk_rate_mb` MB/s.
+pub fn disk_spec(
+    name: &str,
+    mib: u64,
+    rate_mb: u64,
+    disk_mib: u64,
+    disk_rate_mb: u64,
+    pattern: DiskPattern,
+) -> VmSpec {
+    VmSpec {
+        disk: Some(DiskSpec {
+            bytes: disk_mib << 20,
+            write_rate_bytes_per_s: disk_rate_mb << 20,
+            pattern,
+            fill_percent: 50,
+        }),
+        ..spec(name, mib, rate_mb, Pattern::Uniform)
+    }
+}
+
+/// A source VM with a disk image in `dir`, and an incoming VM with a fresh image there.
+pub fn boot_pair_with_disk(spec: VmSpec, dir: &std::path::Path) -> (ReferenceVm, ReferenceVm) {
+    let bytes = spec.disk.as_ref().expect("a spec with a disk").bytes;
+    let image = |name: &str| {
+        Arc::new(VirtualDisk::new(
+            DiskImage::create(&dir.join(name), bytes, DirectIo::Auto).expect("creating an image"),
+        ))
+    };
+    let source = ReferenceVm::boot_with_disk(spec, Some(image("source.img")))
+        .expect("booting the source VM");
+    let incoming =
+        ReferenceVm::incoming_with_disk(source.spec().clone(), Some(image("destination.img")))
+            .expect("creating the incoming VM");
+    (source, incoming)
+}
+
+/// Replaces a transport (to fail, delay or lie).
+pub type Wrap<'a, T> = Box<dyn FnOnce(Arc<T>) -> Arc<T> + 'a>;
+
+/// Hooks of [`migrate_with`].
+pub struct Hooks<'a> {
+    pub wrap: Wrap<'a, dyn SourceTransport>,
+    pub wrap_disk: Wrap<'a, dyn DiskSource>,
+    pub before: Box<dyn FnOnce(&mut Link) + 'a>,
+    pub on_progress: Box<dyn FnMut(&Progress) + 'a>,
+}
+
+impl Default for Hooks<'_> {
+    fn default() -> Self {
+        Self {
+            wrap: Box::new(identity),
+            wrap_disk: Box::new(|d| d),
+            before: Box::new(|_| {}),
+            on_progress: Box::new(|_| {}),
+        }
     }
 }
 
@@ -82,15 +155,56 @@ pub fn migrate(
     before: impl FnOnce(&mut Link),
     cancel: &AtomicBool,
 ) -> Outcome {
-    let mut link = link(params.streams);
+    let hooks = Hooks {
+        wrap: Box::new(wrap),
+        before: Box::new(before),
+        ..Hooks::default()
+    };
+    migrate_with(vm, incoming, params, tracker, hooks, cancel)
+}
+
+/// [`migrate`] with every hook, and with disk links when the VM has disks (the source then
+/// traces after the bulk copy, as the agent does).
+pub fn migrate_with(
+    vm: &ReferenceVm,
+    incoming: &ReferenceVm,
+    params: MigrationParams,
+    tracker: &mut dyn DirtyTracker,
+    hooks: Hooks<'_>,
+    cancel: &AtomicBool,
+) -> Outcome {
+    let Hooks {
+        wrap,
+        wrap_disk,
+        before,
+        mut on_progress,
+    } = hooks;
+    let has_disks = !vm.disks().is_empty();
+    let mut link = link_with_disks(params.streams, has_disks);
     before(&mut link);
     let Link {
         source_control,
         source_data,
         destination_control,
         destination_data,
+        source_disk,
+        destination_disk,
     } = link;
     let transport = wrap(Arc::new(TcpSource::new(source_data).unwrap()));
+    let sizes: Vec<u64> = vm.disks().iter().map(|d| d.size()).collect();
+    let (disk_link, disk_transport) = if has_disks {
+        let mut s = source_disk.into_iter();
+        let mut d = destination_disk.into_iter();
+        let source =
+            TcpDiskSource::new(s.next().unwrap(), s.next().unwrap(), sizes, params.streams)
+                .unwrap();
+        let destination: Box<dyn ferry_dataplane::transport::DiskDestination> = Box::new(
+            TcpDiskDestination::new(d.next().unwrap(), d.next().unwrap(), params.streams).unwrap(),
+        );
+        (Some(wrap_disk(Arc::new(source))), Some(destination))
+    } else {
+        (None, None)
+    };
     let destination_cancel = AtomicBool::new(false);
     std::thread::scope(|s| {
         let destination = s.spawn(|| {
@@ -98,15 +212,24 @@ pub fn migrate(
                 guest: incoming,
                 control: destination_control,
                 transport: Box::new(TcpDestination::new(destination_data).unwrap()),
+                disk_transport,
+                fresh_disks: true,
+                start_paused: params.start_paused,
                 cancel: &destination_cancel,
             })
         });
-        let source = trace(vm, tracker, cancel).and_then(|trace| {
+        let traced = if has_disks {
+            Ok(None)
+        } else {
+            trace(vm, tracker, cancel).map(Some)
+        };
+        let source = traced.and_then(|trace| {
             migrate_out(
                 SourceContext {
                     guest: vm,
                     tracker,
                     trace,
+                    disk_link,
                     control: source_control,
                     transport,
                     params: &params,
@@ -114,7 +237,7 @@ pub fn migrate(
                     prefault_ms: incoming.prefault_ms(),
                     cancel,
                 },
-                &mut |_| {},
+                &mut *on_progress,
             )
         });
         Outcome {

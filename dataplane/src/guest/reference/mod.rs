@@ -1,16 +1,18 @@
 //! The reference VM: stands in for a VMM so that everything else in ferry is real.
 //!
 //! vCPU threads run a deterministic program from a seed, stamping whole pages at a set
-//! dirty rate and pattern ([`program`]); their register files and a NIC are the device
-//! state ([`state`]); and because the program is deterministic, [`ReferenceVm::verify`]
-//! replays it from the seed and checks every byte of every page ([`verify`]), so a lost,
-//! stale or duplicated write is found, not guessed.
+//! dirty rate and pattern ([`program`]); with a virtual disk, each vCPU also has an I/O
+//! thread writing 64 KiB units of the disk at a set rate and pattern ([`disk_program`]);
+//! the register files and a NIC are the device state ([`state`]); and because the program
+//! is deterministic, [`ReferenceVm::verify`] replays it from the seed and checks every byte
+//! of every page and every disk block, so a lost, stale or duplicated write is found, not
+//! guessed.
 //!
 //! Lifecycle on each side of a migration:
 //!
 //! ```text
 //! source:      boot ─▶ running ─▶ quiesce ─▶ save_state ─▶ (shutdown after switch-over)
-//! destination: incoming (parked, memory pre-faulted) ─▶ receive memory ─▶ load_state ─▶ resume
+//! destination: incoming (parked, memory pre-faulted) ─▶ receive memory (and disk) ─▶ load_state ─▶ resume
 //! ```
 
 use std::fmt;
@@ -20,12 +22,19 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
+use self::disk_io::DiskLanes;
+use self::disk_program::DiskProgram;
 use self::program::Program;
 use self::vcpu::{lock, Desired, Pace, Vcpus};
 use super::{Guest, GuestError};
+use crate::disk::VirtualDisk;
 use crate::memory::region::{MEMORY_BYTES_MAX, MEMORY_BYTES_MIN};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
+mod disk_io;
+pub mod disk_program;
+mod disk_spec;
+mod disk_verify;
 pub mod program;
 pub mod state;
 mod vcpu;
@@ -33,7 +42,13 @@ mod verify;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_disk;
 
+pub use disk_spec::{
+    DiskPattern, DiskSpec, ParseDiskPatternError, DISK_BYTES_MAX, DISK_BYTES_MIN,
+    DISK_EXTENT_BYTES, DISK_WRITE_BYTES,
+};
 pub use state::{NicState, VcpuState, VmState};
 pub use vcpu::{QUIESCE_TIMEOUT, THROTTLE_PERCENT_MAX};
 pub use verify::MISMATCHES_LISTED_MAX;
@@ -64,6 +79,10 @@ pub struct VmSpec {
     /// Share of pages given non-zero content at boot (0..=100).
     #[serde(default = "fill_percent_default")]
     pub fill_percent: u8,
+    /// A virtual disk the vCPUs write to, if any. The disk itself is handed to
+    /// [`ReferenceVm::boot_with_disk`] or [`ReferenceVm::incoming_with_disk`].
+    #[serde(default)]
+    pub disk: Option<DiskSpec>,
 }
 
 impl VmSpec {
@@ -100,7 +119,17 @@ impl VmSpec {
                 self.fill_percent
             ));
         }
+        if let Some(disk) = &self.disk {
+            disk.validate(self.vcpus)?;
+        }
         Ok(())
+    }
+
+    /// The parts of the spec that decide disk contents, if the VM has a disk.
+    fn disk_program(&self) -> Option<DiskProgram> {
+        self.disk
+            .as_ref()
+            .map(|disk| DiskProgram::new(self.seed, self.vcpus, disk))
     }
 
     /// The parts of the spec that decide memory contents.
@@ -173,12 +202,20 @@ pub struct VmStatus {
     pub steps: Vec<u64>,
     pub total_steps: u64,
     pub throttle_percent: u8,
+    /// Disk writes completed, per vCPU (empty without a disk).
+    #[serde(default)]
+    pub disk_steps: Vec<u64>,
+    #[serde(default)]
+    pub disk_total_steps: u64,
+    /// Guest disk writes that failed (each is retried until it succeeds).
+    #[serde(default)]
+    pub disk_write_errors: u64,
 }
 
 /// What [`ReferenceVm::verify`] found.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VerifyReport {
-    /// No page and no register file differs from the replay.
+    /// No page, no disk block and no register file differs from the replay.
     pub ok: bool,
     pub pages_checked: u64,
     pub mismatched_pages: u64,
@@ -189,6 +226,21 @@ pub struct VerifyReport {
     pub register_mismatches: Vec<RegisterMismatch>,
     /// Step counts the replay ran to, per vCPU.
     pub steps: Vec<u64>,
+    /// Disk bytes read and checked (0 without a disk).
+    #[serde(default)]
+    pub disk_bytes_checked: u64,
+    #[serde(default)]
+    pub mismatched_disk_blocks: u64,
+    /// The lowest-numbered mismatched disk blocks, at most [`MISMATCHES_LISTED_MAX`].
+    #[serde(default)]
+    pub first_disk_mismatches: Vec<DiskMismatch>,
+    /// Disk lanes whose live PRNG state differs from the one replayed to their step count.
+    #[serde(default)]
+    pub disk_register_mismatches: Vec<RegisterMismatch>,
+    /// Step counts the disk replay ran to, per vCPU (empty without a disk).
+    #[serde(default)]
+    pub disk_steps: Vec<u64>,
+    /// Memory and disk together.
     pub elapsed_ms: f64,
 }
 
@@ -198,6 +250,16 @@ pub struct Mismatch {
     pub page: u64,
     /// Guest-physical address of the first differing byte.
     pub addr: u64,
+    pub expected: u8,
+    pub found: u8,
+}
+
+/// The first differing byte of a disk block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskMismatch {
+    pub block: u64,
+    /// Byte offset in the disk of the first differing byte.
+    pub offset: u64,
     pub expected: u8,
     pub found: u8,
 }
@@ -215,6 +277,8 @@ pub struct RegisterMismatch {
 pub struct ReferenceVm {
     spec: VmSpec,
     memory: Arc<GuestMemory>,
+    /// The disk of `spec.disk` (or none); also held by the vCPUs' disk lanes.
+    disks: Vec<Arc<VirtualDisk>>,
     vcpus: Arc<Vcpus>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     nic: Mutex<NicState>,
@@ -235,24 +299,56 @@ impl fmt::Debug for ReferenceVm {
 }
 
 impl ReferenceVm {
-    /// Source side: creates memory, writes the boot content (version 0) into every filled
-    /// page, starts the vCPUs running.
+    /// Source side of a disk-less VM: see [`Self::boot_with_disk`].
     pub fn boot(spec: VmSpec) -> Result<Self, GuestError> {
+        Self::boot_with_disk(spec, None)
+    }
+
+    /// Destination side of a disk-less VM: see [`Self::incoming_with_disk`].
+    pub fn incoming(spec: VmSpec) -> Result<Self, GuestError> {
+        Self::incoming_with_disk(spec, None)
+    }
+
+    /// Source side: creates memory, writes the boot content (version 0) into every filled
+    /// page and every filled disk extent, starts the vCPUs running. `disk` must be given
+    /// exactly when the spec has one, of its size, and read as zero (a fresh image): only
+    /// filled extents are written.
+    pub fn boot_with_disk(
+        spec: VmSpec,
+        disk: Option<Arc<VirtualDisk>>,
+    ) -> Result<Self, GuestError> {
         spec.validate()?;
+        check_disk(&spec, disk.as_deref())?;
         let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
         verify::write_boot_content(&spec.program(), &memory);
-        let vm = Self::start(spec, memory, Desired::Run, 0.0)?;
+        if let (Some(program), Some(disk)) = (spec.disk_program(), &disk) {
+            let start = std::time::Instant::now();
+            disk_verify::write_boot_content(&program, disk)?;
+            tracing::debug!(name = %spec.name, disk_fill_ms = start.elapsed().as_secs_f64() * 1e3, "disk boot content written");
+        }
+        let vm = Self::start(spec, memory, disk, Desired::Run, 0.0)?;
         tracing::info!(name = %vm.spec.name, "reference VM booted");
         Ok(vm)
     }
 
-    /// Destination side: zeroed memory, pre-faulted (see [`Self::prefault_ms`]); the vCPU
+    /// Destination side: zeroed memory, pre-faulted (see [`Self::prefault_ms`]); the disk (if
+    /// the spec has one) is not written: its content comes from the migration. The vCPU
     /// threads exist but are parked until `load_state` and `resume`.
-    pub fn incoming(spec: VmSpec) -> Result<Self, GuestError> {
+    pub fn incoming_with_disk(
+        spec: VmSpec,
+        disk: Option<Arc<VirtualDisk>>,
+    ) -> Result<Self, GuestError> {
         spec.validate()?;
+        check_disk(&spec, disk.as_deref())?;
         let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
         let prefault = memory.prefault()?;
-        let vm = Self::start(spec, memory, Desired::Park, prefault.as_secs_f64() * 1e3)?;
+        let vm = Self::start(
+            spec,
+            memory,
+            disk,
+            Desired::Park,
+            prefault.as_secs_f64() * 1e3,
+        )?;
         tracing::info!(name = %vm.spec.name, prefault_ms = vm.prefault_ms, "reference VM ready for incoming migration");
         Ok(vm)
     }
@@ -260,14 +356,29 @@ impl ReferenceVm {
     fn start(
         spec: VmSpec,
         memory: Arc<GuestMemory>,
+        disk: Option<Arc<VirtualDisk>>,
         desired: Desired,
         prefault_ms: f64,
     ) -> Result<Self, GuestError> {
-        let pace = Pace::from_rate(spec.dirty_rate_bytes_per_s, spec.vcpus);
+        let pace = Pace::from_rate(spec.dirty_rate_bytes_per_s, spec.vcpus, PAGE_SIZE as u64);
+        // `check_disk` has paired the disk with the spec's.
+        let disk_lanes = match (&spec.disk, &disk) {
+            (Some(disk_spec), Some(disk)) => Some(DiskLanes::new(
+                DiskProgram::new(spec.seed, spec.vcpus, disk_spec),
+                Arc::clone(disk),
+                Pace::from_rate(
+                    disk_spec.write_rate_bytes_per_s,
+                    spec.vcpus,
+                    DISK_WRITE_BYTES,
+                ),
+            )),
+            _ => None,
+        };
         let vcpus = Arc::new(Vcpus::new(
             spec.program(),
             Arc::clone(&memory),
             pace,
+            disk_lanes,
             desired,
         ));
         let threads = vcpus.spawn()?;
@@ -275,6 +386,7 @@ impl ReferenceVm {
             nic: Mutex::new(NicState::from_seed(spec.seed)),
             spec,
             memory,
+            disks: disk.into_iter().collect(),
             vcpus,
             threads: Mutex::new(threads),
             lifecycle: Mutex::new(()),
@@ -287,6 +399,11 @@ impl ReferenceVm {
             vm.vcpus.quiesce()?;
         }
         Ok(vm)
+    }
+
+    /// The VM's virtual disk, if it has one.
+    pub fn disk(&self) -> Option<&Arc<VirtualDisk>> {
+        self.disks.first()
     }
 
     pub fn spec(&self) -> &VmSpec {
@@ -305,29 +422,50 @@ impl ReferenceVm {
 
     pub fn status(&self) -> VmStatus {
         let steps = self.vcpus.steps();
+        let (disk_steps, disk_write_errors) = match &self.vcpus.disk {
+            Some(disk) => (disk.steps(), disk.write_errors()),
+            None => (Vec::new(), 0),
+        };
         VmStatus {
             running: self.vcpus.desired() == Desired::Run,
             total_steps: steps.iter().sum(),
             steps,
             throttle_percent: self.vcpus.throttle_percent(),
+            disk_total_steps: disk_steps.iter().sum(),
+            disk_steps,
+            disk_write_errors,
         }
     }
 
     /// Quiesces if running, replays the program from the seed up to the current step
-    /// counts, checks every byte of every page, and resumes if it was running.
+    /// counts, checks every byte of every page and of the disk, and resumes if it was
+    /// running. A failed disk read is an error (after the resume).
     pub fn verify(&self) -> Result<VerifyReport, GuestError> {
         let _lifecycle = lock(&self.lifecycle);
         let was_running = self.vcpus.desired() == Desired::Run;
         self.vcpus.quiesce()?;
-        let report = verify::verify(&self.spec.program(), &self.memory, &self.vcpus.regs());
+        let disk_regs = self.vcpus.disk_regs();
+        let disk_program = self.spec.disk_program();
+        let disk = match (&disk_program, &self.vcpus.disk) {
+            (Some(program), Some(lanes)) => Some(verify::DiskUnderTest {
+                program,
+                disk: &lanes.disk,
+                live: &disk_regs,
+            }),
+            _ => None,
+        };
+        let checked = verify::verify(&self.spec.program(), &self.memory, &self.vcpus.regs(), disk);
         if was_running {
             self.vcpus.resume()?;
         }
+        let report = checked?;
         if !report.ok {
             tracing::warn!(
                 name = %self.spec.name,
                 mismatched_pages = report.mismatched_pages,
                 register_mismatches = report.register_mismatches.len(),
+                mismatched_disk_blocks = report.mismatched_disk_blocks,
+                disk_register_mismatches = report.disk_register_mismatches.len(),
                 "reference VM verify failed"
             );
         }
@@ -354,6 +492,10 @@ impl Guest for ReferenceVm {
         &self.memory
     }
 
+    fn disks(&self) -> &[Arc<VirtualDisk>] {
+        &self.disks
+    }
+
     fn quiesce(&self) -> Result<(), GuestError> {
         let _lifecycle = lock(&self.lifecycle);
         self.vcpus.quiesce()
@@ -374,6 +516,12 @@ impl Guest for ReferenceVm {
         let state = VmState {
             spec: self.spec.clone(),
             vcpus: self.vcpus.regs().into_iter().map(VcpuState::from).collect(),
+            disk_queues: self
+                .vcpus
+                .disk_regs()
+                .into_iter()
+                .map(VcpuState::from)
+                .collect(),
             nic: self.nic(),
         };
         state::encode(&state)
@@ -389,12 +537,37 @@ impl Guest for ReferenceVm {
         let state = state::decode(blob)?;
         state::check_compatible(&self.spec, &state)?;
         let regs: Vec<_> = state.vcpus.iter().copied().map(Into::into).collect();
-        self.vcpus.load_regs(&regs);
+        let disk_regs: Vec<_> = state.disk_queues.iter().copied().map(Into::into).collect();
+        self.vcpus.load_regs(&regs, &disk_regs);
         *lock(&self.nic) = state.nic;
         Ok(())
     }
 
+    /// Slows the memory workers only; disk writes keep their pace (see
+    /// `Vcpus::set_throttle`).
     fn set_throttle(&self, percent: u8) {
         self.vcpus.set_throttle(percent);
     }
+}
+
+/// Checks that `disk` is given exactly when `spec` has a disk, and is of its size.
+fn check_disk(spec: &VmSpec, disk: Option<&VirtualDisk>) -> Result<(), GuestError> {
+    let reason = match (&spec.disk, disk) {
+        (None, None) => return Ok(()),
+        (Some(wanted), Some(disk)) if wanted.bytes == disk.size() => return Ok(()),
+        (Some(wanted), Some(disk)) => format!(
+            "the spec's disk is {} bytes but the disk given is {} bytes",
+            wanted.bytes,
+            disk.size()
+        ),
+        (Some(wanted), None) => format!(
+            "the spec needs a disk of {} bytes and none was given (boot_with_disk / incoming_with_disk)",
+            wanted.bytes
+        ),
+        (None, Some(disk)) => format!(
+            "a disk of {} bytes was given but the spec has none",
+            disk.size()
+        ),
+    };
+    Err(GuestError::BadSpec { reason })
 }

@@ -9,6 +9,9 @@
 //!   by the pattern and writes the whole page with `content(seed, page, version(v, k))`;
 //! - at boot, pages chosen by `fill_percent` hold version 0 ([`BOOT_VERSION`]); the others
 //!   stay zero.
+//!
+//! A [`Lane`] is not tied to pages: the disk program (`disk_program`) runs the same
+//! machinery over 64 KiB disk units, keyed by [`LaneKind::Disk`].
 
 use crate::hash::xxh3_64;
 
@@ -26,7 +29,7 @@ const VERSION_STEP_BITS: u32 = 48;
 /// idles.
 pub const STEPS_MAX: u64 = (1 << VERSION_STEP_BITS) - 1;
 
-/// Share of a lane's pages that `hotset` treats as hot, and share of writes that go there.
+/// Share of a lane's items that `hotset` treats as hot, and share of writes that go there.
 const HOT_PAGES_PERCENT: u64 = 10;
 const HOT_WRITES_PERCENT: u64 = 90;
 
@@ -35,6 +38,9 @@ const HOT_WRITES_PERCENT: u64 = 90;
 const TAG_FILL: u64 = 0x6669_6c6c; // "fill"
 const TAG_HOT: u64 = 0x0068_6f74; // "hot"
 const TAG_REGS: u64 = 0x7265_6773; // "regs"
+/// The same for disk lanes, so a vCPU's disk lane is unrelated to its memory lane.
+const TAG_DISK_HOT: u64 = 0x6468_6f74; // "dhot"
+const TAG_DISK_REGS: u64 = 0x6472_6567; // "dreg"
 
 /// splitmix64's increment (the golden ratio in 64 bits).
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -49,7 +55,7 @@ pub fn splitmix64(x: u64) -> u64 {
 }
 
 /// Hashes a few words with xxh3 (little-endian), for keys derived from the seed.
-fn hash_words<const N: usize>(words: [u64; N]) -> u64 {
+pub(super) fn hash_words<const N: usize>(words: [u64; N]) -> u64 {
     let mut bytes = [0u8; 32];
     assert!(N * 8 <= bytes.len());
     for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
@@ -77,7 +83,7 @@ pub fn fill_content(seed: u64, page: u64, version: u64, buf: &mut [u8; PAGE_SIZE
 
 /// `r` scaled into `0..n` (Lemire's multiply-shift; unbiased enough for a workload).
 #[inline(always)]
-fn below(r: u64, n: u64) -> u64 {
+pub(super) fn below(r: u64, n: u64) -> u64 {
     ((u128::from(r) * u128::from(n)) >> 64) as u64
 }
 
@@ -144,66 +150,112 @@ impl Program {
         draw < u64::from(self.fill_percent)
     }
 
-    /// The lane (owned pages and pattern parameters) of vCPU `vcpu`.
+    /// The memory lane (owned pages and pattern parameters) of vCPU `vcpu`.
     pub fn lane(&self, vcpu: u32) -> Lane {
-        assert!(vcpu < self.vcpus, "vCPU {vcpu} of {}", self.vcpus);
-        assert!(
-            self.pages >= u64::from(self.vcpus),
-            "every vCPU owns a page"
-        );
-        let vcpus = u64::from(self.vcpus);
-        let owned = (self.pages - u64::from(vcpu)).div_ceil(vcpus);
-        let hot_len = (owned * HOT_PAGES_PERCENT / 100).max(1);
-        let hot_base = below(hash_words([self.seed, u64::from(vcpu), TAG_HOT]), owned);
-        Lane {
-            seed: self.seed,
-            pattern: self.pattern,
+        Lane::new(
+            LaneKind::Memory,
+            self.seed,
+            self.pattern,
+            self.pages,
+            self.vcpus,
             vcpu,
-            vcpus,
-            owned,
-            hot_len,
-            hot_base,
+        )
+    }
+}
+
+/// What a lane's items are. The kind keys the lane's register seed and hot-set offset, so
+/// the disk lane of a vCPU is unrelated to its memory lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaneKind {
+    /// Items are guest pages.
+    Memory,
+    /// Items are disk write units (`DISK_WRITE_BYTES` each).
+    Disk,
+}
+
+impl LaneKind {
+    /// (register-seed tag, hot-set tag).
+    fn tags(self) -> (u64, u64) {
+        match self {
+            LaneKind::Memory => (TAG_REGS, TAG_HOT),
+            LaneKind::Disk => (TAG_DISK_REGS, TAG_DISK_HOT),
         }
     }
 }
 
-/// One vCPU's share of the program.
+/// One vCPU's share of the program: the items (pages or disk units) it owns and how it
+/// picks among them.
 #[derive(Clone, Copy, Debug)]
 pub struct Lane {
     seed: u64,
     pattern: Pattern,
     vcpu: u32,
     vcpus: u64,
-    /// Pages this vCPU owns: `vcpu + j * vcpus` for `j < owned`.
+    /// Items this vCPU owns: `vcpu + j * vcpus` for `j < owned`.
     owned: u64,
     hot_len: u64,
     hot_base: u64,
+    /// Domain tag of the register seed.
+    regs_tag: u64,
 }
 
 impl Lane {
+    /// The lane of vCPU `vcpu` of `vcpus` over `items` items, of which it owns those with
+    /// `item % vcpus == vcpu`. Panics unless every vCPU owns at least one item.
+    pub fn new(
+        kind: LaneKind,
+        seed: u64,
+        pattern: Pattern,
+        items: u64,
+        vcpus: u32,
+        vcpu: u32,
+    ) -> Lane {
+        assert!(vcpu < vcpus, "vCPU {vcpu} of {vcpus}");
+        assert!(items >= u64::from(vcpus), "every vCPU owns an item");
+        let (regs_tag, hot_tag) = kind.tags();
+        let owned = (items - u64::from(vcpu)).div_ceil(u64::from(vcpus));
+        let hot_len = (owned * HOT_PAGES_PERCENT / 100).max(1);
+        let hot_base = below(hash_words([seed, u64::from(vcpu), hot_tag]), owned);
+        Lane {
+            seed,
+            pattern,
+            vcpu,
+            vcpus: u64::from(vcpus),
+            owned,
+            hot_len,
+            hot_base,
+            regs_tag,
+        }
+    }
+
     pub fn vcpu(&self) -> u32 {
         self.vcpu
     }
 
-    pub fn owned_pages(&self) -> u64 {
+    /// Number of items (pages or units) this lane owns.
+    pub fn owned(&self) -> u64 {
         self.owned
     }
 
-    /// Guest page number of this lane's `index`-th page.
+    /// Item number (guest page or disk unit) of this lane's `index`-th item.
     #[inline(always)]
-    pub fn page_of(&self, index: u64) -> u64 {
+    pub fn item_of(&self, index: u64) -> u64 {
         u64::from(self.vcpu) + index * self.vcpus
     }
 
     /// Register file before the first step.
     pub fn initial_regs(&self) -> VcpuRegs {
         VcpuRegs {
-            rng: Xoshiro256::from_seed(hash_words([self.seed, u64::from(self.vcpu), TAG_REGS])),
+            rng: Xoshiro256::from_seed(hash_words([
+                self.seed,
+                u64::from(self.vcpu),
+                self.regs_tag,
+            ])),
             steps: 0,
         }
     }
 
-    /// Takes one step: advances `regs` and returns (lane index of the page, version) to
+    /// Takes one step: advances `regs` and returns (lane index of the item, version) to
     /// write. The caller must not call it with `regs.steps == STEPS_MAX`.
     #[inline]
     pub fn advance(&self, regs: &mut VcpuRegs) -> (u64, u64) {
@@ -248,8 +300,8 @@ mod tests {
         let mut seen = vec![false; p.pages as usize];
         for v in 0..p.vcpus {
             let lane = p.lane(v);
-            for j in 0..lane.owned_pages() {
-                let page = lane.page_of(j) as usize;
+            for j in 0..lane.owned() {
+                let page = lane.item_of(j) as usize;
                 assert!(!seen[page], "page {page} owned twice");
                 assert_eq!(page as u32 % p.vcpus, v);
                 seen[page] = true;
@@ -284,7 +336,7 @@ mod tests {
     fn sweep_visits_owned_pages_in_order() {
         let lane = program(Pattern::Sweep).lane(1);
         let mut regs = lane.initial_regs();
-        let owned = lane.owned_pages();
+        let owned = lane.owned();
         for k in 0..owned * 2 {
             let (index, version_written) = lane.advance(&mut regs);
             assert_eq!(index, k % owned);
@@ -296,12 +348,12 @@ mod tests {
     fn hotset_concentrates_writes() {
         let lane = program(Pattern::Hotset).lane(0);
         let mut regs = lane.initial_regs();
-        let mut counts = vec![0u32; lane.owned_pages() as usize];
+        let mut counts = vec![0u32; lane.owned() as usize];
         for _ in 0..20_000 {
             counts[lane.advance(&mut regs).0 as usize] += 1;
         }
         counts.sort_unstable_by(|a, b| b.cmp(a));
-        let hot = (lane.owned_pages() / 10) as usize;
+        let hot = (lane.owned() / 10) as usize;
         let hot_writes: u32 = counts[..hot].iter().sum();
         assert!(hot_writes > 20_000 * 85 / 100, "hot share {hot_writes}");
     }
@@ -310,7 +362,7 @@ mod tests {
     fn uniform_stays_in_lane_and_spreads() {
         let lane = program(Pattern::Uniform).lane(2);
         let mut regs = lane.initial_regs();
-        let mut seen = vec![false; lane.owned_pages() as usize];
+        let mut seen = vec![false; lane.owned() as usize];
         for _ in 0..10_000 {
             let (index, _) = lane.advance(&mut regs);
             seen[index as usize] = true;

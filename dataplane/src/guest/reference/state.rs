@@ -15,18 +15,18 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::program::{splitmix64, VcpuRegs, Xoshiro256, STEPS_MAX};
-use super::VmSpec;
+use super::{DiskSpec, VmSpec};
 use crate::guest::GuestError;
 
 /// "FRYSTATE".
 pub const STATE_MAGIC: [u8; 8] = *b"FRYSTATE";
-/// Bumped on any change to [`VmState`]'s encoding.
-pub const STATE_FORMAT_VERSION: u16 = 1;
+/// Bumped on any change to [`VmState`]'s encoding (2: disk lanes' register files).
+pub const STATE_FORMAT_VERSION: u16 = 2;
 /// Domain tag for deriving the NIC from the seed ("nic").
 const TAG_NIC: u64 = 0x006e_6963;
 /// Size of [`StateHeader`].
 pub const STATE_HEADER_LEN: usize = 24;
-/// Largest payload accepted: 64 vCPUs of registers plus a spec is well under a KiB.
+/// Largest payload accepted: 64 vCPUs of memory and disk registers plus a spec is a few KiB.
 pub const STATE_PAYLOAD_BYTES_MAX: u32 = 1 << 16;
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug)]
@@ -46,6 +46,8 @@ const _: () = assert!(std::mem::size_of::<StateHeader>() == STATE_HEADER_LEN);
 pub struct VmState {
     pub spec: VmSpec,
     pub vcpus: Vec<VcpuState>,
+    /// Register files of the vCPUs' disk lanes: one per vCPU with a disk, none without.
+    pub disk_queues: Vec<VcpuState>,
     pub nic: NicState,
 }
 
@@ -196,23 +198,53 @@ fn check_consistent(state: &VmState) -> Result<(), GuestError> {
             state.spec.vcpus
         )));
     }
-    for (v, vcpu) in state.vcpus.iter().enumerate() {
-        if vcpu.steps > STEPS_MAX {
+    let disk_queues = if state.spec.disk.is_some() {
+        state.spec.vcpus as usize
+    } else {
+        0
+    };
+    if state.disk_queues.len() != disk_queues {
+        return Err(bad(format!(
+            "{} disk register files for a spec of {} vCPUs {}",
+            state.disk_queues.len(),
+            state.spec.vcpus,
+            if disk_queues == 0 {
+                "without a disk"
+            } else {
+                "with a disk"
+            }
+        )));
+    }
+    let register_files = state
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(v, regs)| ("vCPU", v, regs))
+        .chain(
+            state
+                .disk_queues
+                .iter()
+                .enumerate()
+                .map(|(v, regs)| ("disk lane of vCPU", v, regs)),
+        );
+    for (what, v, regs) in register_files {
+        if regs.steps > STEPS_MAX {
             return Err(bad(format!(
-                "vCPU {v} step counter {} exceeds the maximum {STEPS_MAX}",
-                vcpu.steps
+                "{what} {v} step counter {} exceeds the maximum {STEPS_MAX}",
+                regs.steps
             )));
         }
-        if vcpu.rng == [0; 4] {
-            return Err(bad(format!("vCPU {v} PRNG state is all zero")));
+        if regs.rng == [0; 4] {
+            return Err(bad(format!("{what} {v} PRNG state is all zero")));
         }
     }
     Ok(())
 }
 
 /// Checks that `state` was saved by a VM running the same program as `spec`: the memory
-/// size, vCPU count, seed, pattern and fill decide every byte. The name and dirty rate may
-/// differ (the destination runs at its own rate).
+/// size, vCPU count, seed, pattern and fill decide every byte, and the disk's size, pattern
+/// and fill every disk block. The name and the dirty and disk write rates may differ (the
+/// destination runs at its own rate).
 pub fn check_compatible(spec: &VmSpec, state: &VmState) -> Result<(), GuestError> {
     let saved = &state.spec;
     let mut differences = Vec::new();
@@ -243,6 +275,7 @@ pub fn check_compatible(spec: &VmSpec, state: &VmState) -> Result<(), GuestError
             saved.fill_percent, spec.fill_percent
         ));
     }
+    differences.extend(disk_differences(saved.disk.as_ref(), spec.disk.as_ref()));
     if differences.is_empty() {
         Ok(())
     } else {
@@ -253,12 +286,52 @@ pub fn check_compatible(spec: &VmSpec, state: &VmState) -> Result<(), GuestError
     }
 }
 
+/// How the disk a state was saved with differs from this VM's, in program terms.
+fn disk_differences(saved: Option<&DiskSpec>, ours: Option<&DiskSpec>) -> Vec<String> {
+    let (saved, ours) = match (saved, ours) {
+        (None, None) => return Vec::new(),
+        (Some(saved), Some(ours)) => (saved, ours),
+        (Some(saved), None) => {
+            return vec![format!(
+                "a disk of {} bytes (this VM has no disk)",
+                saved.bytes
+            )]
+        }
+        (None, Some(ours)) => {
+            return vec![format!(
+                "no disk (this VM has a disk of {} bytes)",
+                ours.bytes
+            )]
+        }
+    };
+    let mut differences = Vec::new();
+    if saved.bytes != ours.bytes {
+        differences.push(format!(
+            "disk bytes {} (this VM has {})",
+            saved.bytes, ours.bytes
+        ));
+    }
+    if saved.pattern != ours.pattern {
+        differences.push(format!(
+            "disk pattern {} (this VM has {})",
+            saved.pattern, ours.pattern
+        ));
+    }
+    if saved.fill_percent != ours.fill_percent {
+        differences.push(format!(
+            "disk fill_percent {} (this VM has {})",
+            saved.fill_percent, ours.fill_percent
+        ));
+    }
+    differences
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::guest::reference::Pattern;
+    use crate::guest::reference::{DiskPattern, Pattern};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -269,20 +342,42 @@ mod tests {
             pattern: Pattern::Hotset,
             seed: 42,
             fill_percent: 100,
+            disk: None,
         }
+    }
+
+    fn registers(base: u64) -> Vec<VcpuState> {
+        (0..3)
+            .map(|v| VcpuState {
+                rng: [base + v + 1, 2, 3, 4],
+                steps: v * 100,
+            })
+            .collect()
     }
 
     fn state() -> VmState {
         VmState {
             spec: spec(),
-            vcpus: (0..3)
-                .map(|v| VcpuState {
-                    rng: [v + 1, 2, 3, 4],
-                    steps: v * 100,
-                })
-                .collect(),
+            vcpus: registers(0),
+            disk_queues: Vec::new(),
             nic: NicState::from_seed(42),
         }
+    }
+
+    fn disk_spec() -> DiskSpec {
+        DiskSpec {
+            bytes: 8 << 20,
+            write_rate_bytes_per_s: 1 << 20,
+            pattern: DiskPattern::Sequential,
+            fill_percent: 50,
+        }
+    }
+
+    fn state_with_disk() -> VmState {
+        let mut s = state();
+        s.spec.disk = Some(disk_spec());
+        s.disk_queues = registers(10);
+        s
     }
 
     fn reason(result: Result<VmState, GuestError>) -> String {
@@ -298,6 +393,60 @@ mod tests {
         assert_eq!(&blob[..8], b"FRYSTATE");
         assert_eq!(decode(&blob).unwrap(), state());
         check_compatible(&spec(), &state()).unwrap();
+    }
+
+    #[test]
+    fn round_trips_with_disk_registers() {
+        let with_disk = state_with_disk();
+        let blob = encode(&with_disk).unwrap();
+        let decoded = decode(&blob).unwrap();
+        assert_eq!(decoded, with_disk);
+        assert_eq!(decoded.disk_queues, registers(10));
+        check_compatible(&with_disk.spec, &decoded).unwrap();
+        // The disk write rate is not part of the program.
+        let mut slower = with_disk.spec.clone();
+        slower.disk.as_mut().unwrap().write_rate_bytes_per_s = 0;
+        check_compatible(&slower, &decoded).unwrap();
+    }
+
+    #[test]
+    fn inconsistent_disk_registers_are_refused() {
+        let mut s = state_with_disk();
+        s.disk_queues.pop();
+        assert!(reason(decode(&encode(&s).unwrap())).contains("disk register files"));
+        let mut s = state();
+        s.disk_queues = registers(10);
+        assert!(reason(decode(&encode(&s).unwrap())).contains("without a disk"));
+        let mut s = state_with_disk();
+        s.disk_queues[2].steps = STEPS_MAX + 1;
+        assert!(reason(decode(&encode(&s).unwrap())).contains("disk lane of vCPU 2 step counter"));
+        let mut s = state_with_disk();
+        s.disk_queues[0].rng = [0; 4];
+        assert!(reason(decode(&encode(&s).unwrap())).contains("disk lane of vCPU 0 PRNG"));
+    }
+
+    #[test]
+    fn a_different_disk_is_refused() {
+        let saved = state_with_disk();
+        let err = check_compatible(&spec(), &saved).unwrap_err().to_string();
+        assert!(err.contains("this VM has no disk"), "{err}");
+        let err = check_compatible(&saved.spec, &state())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no disk (this VM has a disk"), "{err}");
+        for (what, change) in [
+            (
+                "disk bytes",
+                (|d: &mut DiskSpec| d.bytes *= 2) as fn(&mut DiskSpec),
+            ),
+            ("disk pattern", |d| d.pattern = DiskPattern::Random),
+            ("disk fill_percent", |d| d.fill_percent = 51),
+        ] {
+            let mut other = saved.spec.clone();
+            change(other.disk.as_mut().unwrap());
+            let err = check_compatible(&other, &saved).unwrap_err().to_string();
+            assert!(err.contains(what), "{what}: {err}");
+        }
     }
 
     #[test]
@@ -318,8 +467,8 @@ mod tests {
         wrong[0] = b'X';
         assert!(reason(decode(&wrong)).contains("magic"));
         let mut wrong = blob.clone();
-        wrong[8] = 2;
-        assert!(reason(decode(&wrong)).contains("format version 2"));
+        wrong[8] = 1;
+        assert!(reason(decode(&wrong)).contains("format version 1"));
         assert!(reason(decode(&blob[..blob.len() - 1])).contains("payload bytes"));
         let mut wrong = blob.clone();
         wrong.push(0);

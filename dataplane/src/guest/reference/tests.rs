@@ -21,6 +21,7 @@ fn spec(name: &str, rate: u64, pattern: Pattern) -> VmSpec {
         pattern,
         seed: 0x5eed,
         fill_percent: 100,
+        disk: None,
     }
 }
 

@@ -1,5 +1,10 @@
 //! vCPU threads: run the program at a paced rate, park at step boundaries on request.
 //!
+//! Each vCPU has a memory thread (`ferry-vcpu{v}`) and, when the VM has a disk, an I/O
+//! thread (`ferry-vcpu{v}-io`) that runs the vCPU's disk lane ([`super::disk_io`]). Both
+//! kinds are *workers* under one park protocol, so a quiesced VM has no page write and no
+//! guest disk write in flight.
+//!
 //! The park protocol, all under [`Vcpus::control`]:
 //!
 //! ```text
@@ -11,16 +16,18 @@
 //!   Stop: a parked or running vCPU writes its regs back and exits (exited += 1).
 //! ```
 //!
-//! A running vCPU keeps its register file in a local copy and writes it back to
-//! [`Vcpus::regs`] before it counts itself parked, so once `quiesce` has seen every vCPU
-//! parked the register files are exact and stay so until `resume`. Step counters are also
-//! published in atomics after each step, for status while running.
+//! A running worker keeps its register file in a local copy and writes it back to its slot
+//! (in [`Vcpus::regs`] or the disk lanes' registers) before it counts itself parked, so once
+//! `quiesce` has seen every worker parked the register files are exact and stay so until
+//! `resume`. Step counters are also published in atomics after each step, for status while
+//! running.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::disk_io::{DiskLanes, DiskStep};
 use super::program::{fill_content, Lane, Program, VcpuRegs, STEPS_MAX};
 use crate::guest::GuestError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -28,7 +35,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 /// How long `quiesce` waits for every vCPU to reach a step boundary.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest a vCPU sleeps without looking at its flags (pacing and stun naps are cut into
+/// Longest a worker sleeps without looking at its flags (pacing and stun naps are cut into
 /// pieces of this size), so a quiesce is seen within about this long.
 const NAP_SLICE: Duration = Duration::from_millis(1);
 
@@ -55,30 +62,61 @@ pub enum Desired {
 #[derive(Debug)]
 pub struct Control {
     pub desired: Desired,
-    /// vCPUs waiting at a step boundary.
+    /// Workers waiting at a step boundary.
     parked: u32,
-    /// vCPUs whose thread has returned (after Stop, or never started).
+    /// Workers whose thread has returned (after Stop, or never started).
     exited: u32,
 }
 
-/// How fast the vCPUs run.
+/// How fast a worker runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pace {
-    /// Never step (dirty rate 0).
+    /// Never step (rate 0).
     Idle,
-    /// Steps per second per vCPU at throttle 0.
-    PagesPerS(f64),
+    /// Steps per second per worker at throttle 0.
+    StepsPerS(f64),
     /// As fast as possible.
     Unpaced,
 }
 
 impl Pace {
-    pub fn from_rate(dirty_rate_bytes_per_s: u64, vcpus: u32) -> Self {
-        match dirty_rate_bytes_per_s {
+    /// The pace of each of `vcpus` workers sharing `rate_bytes_per_s`, each step writing
+    /// `bytes_per_step`.
+    pub fn from_rate(rate_bytes_per_s: u64, vcpus: u32, bytes_per_step: u64) -> Self {
+        match rate_bytes_per_s {
             0 => Pace::Idle,
             u64::MAX => Pace::Unpaced,
-            rate => Pace::PagesPerS(rate as f64 / f64::from(vcpus) / PAGE_SIZE as f64),
+            rate => Pace::StepsPerS(rate as f64 / f64::from(vcpus) / bytes_per_step as f64),
         }
+    }
+}
+
+/// What a worker does at each step: a memory worker writes a page, a disk worker a unit.
+/// The pacing loops are shared and call this.
+pub(super) trait Step {
+    /// Whether the guest throttle (`set_throttle`) slows this worker.
+    const THROTTLED: bool;
+    /// Takes one step from `regs`. A step that cannot complete (a failed disk write) leaves
+    /// `regs` as it was and returns after a pause, to be retried.
+    fn step(&mut self, vcpus: &Vcpus, regs: &mut VcpuRegs);
+}
+
+/// A memory worker's step: stamp one page of its lane.
+struct MemoryStep {
+    lane: Lane,
+    buf: Box<[u8; PAGE_SIZE]>,
+}
+
+impl Step for MemoryStep {
+    const THROTTLED: bool = true;
+
+    #[inline]
+    fn step(&mut self, vcpus: &Vcpus, regs: &mut VcpuRegs) {
+        let (index, version) = self.lane.advance(regs);
+        let page = self.lane.item_of(index);
+        fill_content(vcpus.program.seed, page, version, &mut self.buf);
+        vcpus.memory.write_page(page as usize, &self.buf);
+        vcpus.steps[self.lane.vcpu() as usize].store(regs.steps, Ordering::Release);
     }
 }
 
@@ -87,10 +125,12 @@ pub struct Vcpus {
     pub program: Program,
     pub memory: Arc<GuestMemory>,
     pace: Pace,
+    /// The disk lanes, when the VM has a disk.
+    pub disk: Option<DiskLanes>,
     pub control: Mutex<Control>,
-    /// vCPUs wait here while parked (and while idle).
+    /// Workers wait here while parked (and while idle).
     wake: Condvar,
-    /// `quiesce` waits here for `parked + exited` to reach the vCPU count.
+    /// `quiesce` waits here for `parked + exited` to reach the worker count.
     parked_changed: Condvar,
     /// Fast-path copy of `desired != Run`, read between steps.
     park_requested: AtomicBool,
@@ -110,7 +150,16 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Vcpus {
-    pub fn new(program: Program, memory: Arc<GuestMemory>, pace: Pace, desired: Desired) -> Self {
+    pub fn new(
+        program: Program,
+        memory: Arc<GuestMemory>,
+        pace: Pace,
+        disk: Option<DiskLanes>,
+        desired: Desired,
+    ) -> Self {
+        if let Some(disk) = &disk {
+            assert_eq!(disk.program.vcpus, program.vcpus);
+        }
         let regs: Vec<_> = (0..program.vcpus)
             .map(|v| Mutex::new(program.lane(v).initial_regs()))
             .collect();
@@ -119,6 +168,7 @@ impl Vcpus {
             program,
             memory,
             pace,
+            disk,
             control: Mutex::new(Control {
                 desired,
                 parked: 0,
@@ -133,23 +183,35 @@ impl Vcpus {
         }
     }
 
-    /// Starts one thread per vCPU. On failure the threads already started are stopped and
-    /// joined before the error returns.
+    /// Worker threads: one per vCPU, two with a disk.
+    fn workers(&self) -> u32 {
+        let per_vcpu = if self.disk.is_some() { 2 } else { 1 };
+        self.program.vcpus * per_vcpu
+    }
+
+    /// Starts the worker threads of every vCPU. On failure the threads already started are
+    /// stopped and joined before the error returns.
     pub fn spawn(self: &Arc<Self>) -> Result<Vec<JoinHandle<()>>, GuestError> {
-        let mut handles = Vec::with_capacity(self.program.vcpus as usize);
+        let workers = self.workers();
+        let mut handles = Vec::with_capacity(workers as usize);
         for v in 0..self.program.vcpus {
-            let vcpus = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
+            let memory_worker = Arc::clone(self);
+            let mut spawned = std::thread::Builder::new()
                 .name(format!("ferry-vcpu{v}"))
-                .spawn(move || vcpus.run(v));
-            match spawned {
-                Ok(handle) => handles.push(handle),
-                Err(source) => {
-                    // Count the vCPUs that will never run as exited, so stop() agrees.
-                    lock(&self.control).exited += self.program.vcpus - v;
-                    self.stop(handles);
-                    return Err(GuestError::Spawn { vcpu: v, source });
-                }
+                .spawn(move || memory_worker.run_memory(v))
+                .map(|handle| handles.push(handle));
+            if spawned.is_ok() && self.disk.is_some() {
+                let disk_worker = Arc::clone(self);
+                spawned = std::thread::Builder::new()
+                    .name(format!("ferry-vcpu{v}-io"))
+                    .spawn(move || disk_worker.run_disk(v))
+                    .map(|handle| handles.push(handle));
+            }
+            if let Err(source) = spawned {
+                // Count the workers that will never run as exited, so stop() agrees.
+                lock(&self.control).exited += workers - handles.len() as u32;
+                self.stop(handles);
+                return Err(GuestError::Spawn { vcpu: v, source });
             }
         }
         Ok(handles)
@@ -159,6 +221,10 @@ impl Vcpus {
         self.throttle_percent.load(Ordering::Relaxed)
     }
 
+    /// Throttles the memory workers only. Disk writes keep their pace: the throttle exists
+    /// so that memory pre-copy converges, and a disk migration mirrors guest writes
+    /// synchronously instead of re-copying them, so slowing disk writes would cost the
+    /// guest without helping convergence.
     pub fn set_throttle(&self, percent: u8) {
         self.throttle_percent
             .store(percent.min(THROTTLE_PERCENT_MAX), Ordering::Relaxed);
@@ -175,7 +241,7 @@ impl Vcpus {
         lock(&self.control).desired
     }
 
-    /// Asks every vCPU to park and waits until all have (or have exited).
+    /// Asks every worker to park and waits until all have (or have exited).
     pub fn quiesce(&self) -> Result<(), GuestError> {
         let mut control = lock(&self.control);
         if control.desired == Desired::Run {
@@ -184,17 +250,17 @@ impl Vcpus {
             // Idle vCPUs sleep on `wake`; let them see the request now.
             self.wake.notify_all();
         }
-        let vcpus = self.program.vcpus;
+        let workers = self.workers();
         let (control, timeout) = self
             .parked_changed
-            .wait_timeout_while(control, QUIESCE_TIMEOUT, |c| c.parked + c.exited < vcpus)
+            .wait_timeout_while(control, QUIESCE_TIMEOUT, |c| c.parked + c.exited < workers)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if timeout.timed_out() {
             return Err(GuestError::Timeout {
                 operation: "quiesce",
                 waited_ms: QUIESCE_TIMEOUT.as_millis() as u64,
                 detail: format!(
-                    "{} of {vcpus} vCPUs parked, {} exited",
+                    "{} of {workers} vCPU threads parked, {} exited",
                     control.parked, control.exited
                 ),
             });
@@ -202,10 +268,10 @@ impl Vcpus {
         Ok(())
     }
 
-    /// True when every vCPU is at rest (parked or exited) and none will start by itself.
+    /// True when every worker is at rest (parked or exited) and none will start by itself.
     pub fn is_quiesced(&self) -> bool {
         let control = lock(&self.control);
-        control.desired != Desired::Run && control.parked + control.exited == self.program.vcpus
+        control.desired != Desired::Run && control.parked + control.exited == self.workers()
     }
 
     /// Lets parked vCPUs run. Does not wait for them to start.
@@ -240,40 +306,66 @@ impl Vcpus {
         }
     }
 
-    /// Register files of every vCPU. Exact only while quiesced.
+    /// Memory register files of every vCPU. Exact only while quiesced.
     pub fn regs(&self) -> Vec<VcpuRegs> {
         self.regs.iter().map(|r| *lock(r)).collect()
     }
 
+    /// Disk register files of every vCPU (empty without a disk). Exact only while quiesced.
+    pub fn disk_regs(&self) -> Vec<VcpuRegs> {
+        self.disk.as_ref().map_or_else(Vec::new, DiskLanes::regs)
+    }
+
     /// Replaces every register file (and the published step counters). The caller has
-    /// checked that the guest is quiesced and that `regs` has one entry per vCPU.
-    pub fn load_regs(&self, regs: &[VcpuRegs]) {
+    /// checked that the guest is quiesced, that `regs` has one entry per vCPU and
+    /// `disk_regs` one per disk lane.
+    pub fn load_regs(&self, regs: &[VcpuRegs], disk_regs: &[VcpuRegs]) {
         assert_eq!(regs.len(), self.regs.len());
         for ((slot, counter), new) in self.regs.iter().zip(self.steps.iter()).zip(regs) {
             *lock(slot) = *new;
             counter.store(new.steps, Ordering::Release);
         }
+        match &self.disk {
+            Some(disk) => disk.load_regs(disk_regs),
+            None => assert!(disk_regs.is_empty(), "disk registers for a VM without disk"),
+        }
     }
 
-    /// Thread body of vCPU `v`.
-    fn run(&self, v: u32) {
-        let lane = self.program.lane(v);
-        let mut buf = Box::new([0u8; PAGE_SIZE]);
+    /// Thread body of vCPU `v`'s memory worker.
+    fn run_memory(&self, v: u32) {
+        let mut step = MemoryStep {
+            lane: self.program.lane(v),
+            buf: Box::new([0u8; PAGE_SIZE]),
+        };
+        self.run_worker(&self.regs[v as usize], self.pace, &mut step);
+    }
+
+    /// Thread body of vCPU `v`'s disk worker.
+    fn run_disk(&self, v: u32) {
+        let disk = self
+            .disk
+            .as_ref()
+            .expect("disk workers run only with a disk");
+        let mut step = DiskStep::new(disk, v);
+        self.run_worker(disk.regs_slot(v), disk.pace, &mut step);
+    }
+
+    /// A worker's life: park (writing back the regs of the last run), then run until asked
+    /// to park again; until told to stop.
+    fn run_worker(&self, slot: &Mutex<VcpuRegs>, pace: Pace, step: &mut impl Step) {
         let mut running: Option<VcpuRegs> = None;
-        // Each pass: park (writing back the regs of the last run), then run until asked to
-        // park again.
-        while let Some(mut regs) = self.park(v, running.take()) {
-            self.run_until_parked(&lane, &mut regs, &mut buf);
+        while let Some(mut regs) = self.park(slot, running.take()) {
+            self.run_until_parked(pace, step, &mut regs);
             running = Some(regs);
         }
     }
 
-    /// Parks vCPU `v`: writes `regs` back, counts itself parked and waits for Run or Stop.
-    /// Returns the register file to run with, or None to exit.
-    fn park(&self, v: u32, regs: Option<VcpuRegs>) -> Option<VcpuRegs> {
+    /// Parks a worker: writes `regs` back to `slot`, counts itself parked and waits for Run
+    /// or Stop. Returns the register file to run with, or None to exit.
+    fn park(&self, slot: &Mutex<VcpuRegs>, regs: Option<VcpuRegs>) -> Option<VcpuRegs> {
         let mut control = lock(&self.control);
         if let Some(regs) = regs {
-            *lock(&self.regs[v as usize]) = regs;
+            *lock(slot) = regs;
         }
         control.parked += 1;
         self.parked_changed.notify_all();
@@ -282,7 +374,7 @@ impl Vcpus {
                 Desired::Run => {
                     control.parked -= 1;
                     // load_state may have replaced the register file while we were parked.
-                    return Some(*lock(&self.regs[v as usize]));
+                    return Some(*lock(slot));
                 }
                 Desired::Stop => {
                     control.parked -= 1;
@@ -304,18 +396,17 @@ impl Vcpus {
         self.park_requested.load(Ordering::Acquire)
     }
 
-    /// One step: advance the registers, write the page, publish the counter.
-    #[inline]
-    fn step(&self, lane: &Lane, regs: &mut VcpuRegs, buf: &mut [u8; PAGE_SIZE]) {
-        let (index, version) = lane.advance(regs);
-        let page = lane.page_of(index);
-        fill_content(self.program.seed, page, version, buf);
-        self.memory.write_page(page as usize, buf);
-        self.steps[lane.vcpu() as usize].store(regs.steps, Ordering::Release);
+    /// The throttle that applies to a worker of kind `S`.
+    fn throttle_for<S: Step>(&self) -> u8 {
+        if S::THROTTLED {
+            self.throttle_percent()
+        } else {
+            0
+        }
     }
 
     /// Sleeps for `duration` in slices, returning early when a park is requested.
-    fn nap(&self, duration: Duration) {
+    pub(super) fn nap(&self, duration: Duration) {
         let until = Instant::now() + duration;
         loop {
             if self.should_park() {
@@ -338,24 +429,24 @@ impl Vcpus {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 
-    /// Runs steps at the configured pace until a park is requested. Pacing state starts
-    /// fresh here, so time spent parked is never "caught up".
-    fn run_until_parked(&self, lane: &Lane, regs: &mut VcpuRegs, buf: &mut [u8; PAGE_SIZE]) {
-        match self.pace {
+    /// Runs steps at `pace` until a park is requested. Pacing state starts fresh here, so
+    /// time spent parked is never "caught up".
+    fn run_until_parked(&self, pace: Pace, step: &mut impl Step, regs: &mut VcpuRegs) {
+        match pace {
             Pace::Idle => self.idle_until_parked(),
-            Pace::PagesPerS(rate) => self.run_paced(lane, regs, buf, rate),
-            Pace::Unpaced => self.run_unpaced(lane, regs, buf),
+            Pace::StepsPerS(rate) => self.run_paced(step, regs, rate),
+            Pace::Unpaced => self.run_unpaced(step, regs),
         }
     }
 
     /// Token bucket: credit accrues at the (throttled) rate, capped at
-    /// [`CREDIT_WINDOW_S`]; each step spends one; without credit the vCPU naps ~1 ms.
-    fn run_paced(&self, lane: &Lane, regs: &mut VcpuRegs, buf: &mut [u8; PAGE_SIZE], rate: f64) {
+    /// [`CREDIT_WINDOW_S`]; each step spends one; without credit the worker naps ~1 ms.
+    fn run_paced<S: Step>(&self, step: &mut S, regs: &mut VcpuRegs, rate: f64) {
         let mut credit = 0.0f64;
         let mut last = Instant::now();
         while !self.should_park() {
             let now = Instant::now();
-            let throttle = f64::from(self.throttle_percent());
+            let throttle = f64::from(self.throttle_for::<S>());
             let effective = rate * (100.0 - throttle) / 100.0;
             let cap = (effective * CREDIT_WINDOW_S).max(1.0);
             credit = (credit + now.duration_since(last).as_secs_f64() * effective).min(cap);
@@ -369,15 +460,15 @@ impl Vcpus {
                 if self.should_park() {
                     return;
                 }
-                self.step(lane, regs, buf);
+                step.step(self, regs);
                 credit -= 1.0;
             }
         }
     }
 
-    /// As fast as possible; a throttle of `t` % makes the vCPU sleep `t` % of each
+    /// As fast as possible; a throttle of `t` % makes the worker sleep `t` % of each
     /// [`STUN_PERIOD`].
-    fn run_unpaced(&self, lane: &Lane, regs: &mut VcpuRegs, buf: &mut [u8; PAGE_SIZE]) {
+    fn run_unpaced<S: Step>(&self, step: &mut S, regs: &mut VcpuRegs) {
         // Start of the current stun period and steps taken in it; None while unthrottled,
         // so a throttle set later starts a fresh period instead of napping at once.
         let mut period: Option<(Instant, u64)> = None;
@@ -386,7 +477,7 @@ impl Vcpus {
                 self.nap(NAP_SLICE);
                 continue;
             }
-            let throttle = u32::from(self.throttle_percent());
+            let throttle = u32::from(self.throttle_for::<S>());
             if throttle == 0 {
                 period = None;
             } else {
@@ -400,7 +491,7 @@ impl Vcpus {
                 }
                 *steps += 1;
             }
-            self.step(lane, regs, buf);
+            step.step(self, regs);
         }
     }
 }

@@ -8,13 +8,19 @@
 //! 2. compare: each page is generated from its expected version and compared with memory;
 //!    for a mismatch the first differing byte is reported.
 //!
-//! The caller quiesces the VM first, so memory and registers are stable throughout.
+//! A VM with a disk has its disk lanes replayed and every disk block checked the same way
+//! ([`super::disk_verify`]).
+//!
+//! The caller quiesces the VM first, so memory, disk and registers are stable throughout.
 
 use std::ops::Range;
 use std::time::Instant;
 
+use super::disk_program::DiskProgram;
+use super::disk_verify;
 use super::program::{fill_content, Lane, Program, VcpuRegs, BOOT_VERSION};
 use super::{Mismatch, RegisterMismatch, VerifyReport};
+use crate::disk::{DiskError, VirtualDisk};
 use crate::memory::region::is_zero;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
@@ -39,9 +45,9 @@ struct LaneReplay {
 }
 
 fn replay_lane(program: &Program, lane: Lane, steps: u64) -> LaneReplay {
-    let mut versions: Vec<u64> = (0..lane.owned_pages())
+    let mut versions: Vec<u64> = (0..lane.owned())
         .map(|j| {
-            if program.is_filled(lane.page_of(j)) {
+            if program.is_filled(lane.item_of(j)) {
                 BOOT_VERSION
             } else {
                 ZERO
@@ -67,7 +73,7 @@ pub fn threads_for_pages(pages: u64) -> usize {
     cores().min(wanted.try_into().unwrap_or(usize::MAX))
 }
 
-fn cores() -> usize {
+pub(super) fn cores() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(VERIFY_THREADS_MAX)
@@ -155,8 +161,21 @@ fn compare_pages(
     result
 }
 
-/// Checks `memory` and the register files `live` against a replay of `program`.
-pub fn verify(program: &Program, memory: &GuestMemory, live: &[VcpuRegs]) -> VerifyReport {
+/// The disk half of a verify: the program, the disk and the disk lanes' register files.
+pub struct DiskUnderTest<'a> {
+    pub program: &'a DiskProgram,
+    pub disk: &'a VirtualDisk,
+    pub live: &'a [VcpuRegs],
+}
+
+/// Checks `memory` and the register files `live` (and the disk, if any) against a replay of
+/// `program`. Only a failed disk read is an error; everything else is in the report.
+pub fn verify(
+    program: &Program,
+    memory: &GuestMemory,
+    live: &[VcpuRegs],
+    disk: Option<DiskUnderTest<'_>>,
+) -> Result<VerifyReport, DiskError> {
     let start = Instant::now();
     assert_eq!(live.len(), program.vcpus as usize);
     assert_eq!(memory.pages() as u64, program.pages);
@@ -194,15 +213,28 @@ pub fn verify(program: &Program, memory: &GuestMemory, live: &[VcpuRegs]) -> Ver
         .take(MISMATCHES_LISTED_MAX)
         .collect();
 
-    VerifyReport {
-        ok: mismatched_pages == 0 && register_mismatches.is_empty(),
+    let disk_report = match &disk {
+        Some(d) => disk_verify::verify(d.program, d.disk, d.live)?,
+        None => disk_verify::DiskVerify::default(),
+    };
+
+    Ok(VerifyReport {
+        ok: mismatched_pages == 0
+            && register_mismatches.is_empty()
+            && disk_report.mismatched_blocks == 0
+            && disk_report.register_mismatches.is_empty(),
         pages_checked: program.pages,
         mismatched_pages,
         first_mismatches,
         register_mismatches,
         steps: live.iter().map(|r| r.steps).collect(),
+        disk_bytes_checked: disk_report.bytes_checked,
+        mismatched_disk_blocks: disk_report.mismatched_blocks,
+        first_disk_mismatches: disk_report.first,
+        disk_register_mismatches: disk_report.register_mismatches,
+        disk_steps: disk.map_or_else(Vec::new, |d| d.live.iter().map(|r| r.steps).collect()),
         elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
-    }
+    })
 }
 
 /// Writes the boot content (version 0) into every filled page of `memory`, in parallel.

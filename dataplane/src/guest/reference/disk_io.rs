@@ -1,0 +1,149 @@
+//! The vCPUs' disk workers: each runs its vCPU's disk lane, writing one 64 KiB unit per
+//! step through [`VirtualDisk::write_at`] (so a migration can mirror it), under the same
+//! park protocol as the memory workers ([`super::vcpu`]).
+//!
+//! A step is computed on a copy of the register file and committed only once the write
+//! has returned Ok, so a failed write is retried as the same step and the register file
+//! never runs ahead of the disk: replay stays exact whatever the disk does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::disk_program::DiskProgram;
+use super::disk_spec::DISK_WRITE_BYTES;
+use super::program::{Lane, VcpuRegs};
+use super::vcpu::{lock, Pace, Step, Vcpus};
+use crate::disk::{AlignedBuf, VirtualDisk};
+
+/// Pause before a failed disk write is retried (cut into slices that honour a park).
+const WRITE_RETRY_NAP: Duration = Duration::from_millis(10);
+
+/// After the first, one failed write in this many is logged; all are counted.
+const WRITE_ERRORS_LOGGED_EVERY: u64 = 1000;
+
+/// The disk side of the vCPUs: program, disk, pace and the disk lanes' register files.
+pub struct DiskLanes {
+    pub program: DiskProgram,
+    pub disk: Arc<VirtualDisk>,
+    pub pace: Pace,
+    /// Register files of the disk lanes; exact while the worker is parked or exited.
+    regs: Box<[Mutex<VcpuRegs>]>,
+    /// Step counters, published after each committed step.
+    steps: Box<[AtomicU64]>,
+    /// Failed guest disk writes, over all lanes.
+    write_errors: AtomicU64,
+}
+
+impl DiskLanes {
+    pub fn new(program: DiskProgram, disk: Arc<VirtualDisk>, pace: Pace) -> Self {
+        assert_eq!(disk.size(), program.bytes, "disk size and program agree");
+        let regs: Vec<_> = (0..program.vcpus)
+            .map(|v| Mutex::new(program.lane(v).initial_regs()))
+            .collect();
+        let steps: Vec<_> = (0..program.vcpus).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            program,
+            disk,
+            pace,
+            regs: regs.into_boxed_slice(),
+            steps: steps.into_boxed_slice(),
+            write_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn regs_slot(&self, vcpu: u32) -> &Mutex<VcpuRegs> {
+        &self.regs[vcpu as usize]
+    }
+
+    /// Register files of every disk lane. Exact only while quiesced.
+    pub fn regs(&self) -> Vec<VcpuRegs> {
+        self.regs.iter().map(|r| *lock(r)).collect()
+    }
+
+    /// Replaces every register file and step counter (the guest is quiesced).
+    pub fn load_regs(&self, regs: &[VcpuRegs]) {
+        assert_eq!(regs.len(), self.regs.len());
+        for ((slot, counter), new) in self.regs.iter().zip(self.steps.iter()).zip(regs) {
+            *lock(slot) = *new;
+            counter.store(new.steps, Ordering::Release);
+        }
+    }
+
+    pub fn steps(&self) -> Vec<u64> {
+        self.steps
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .collect()
+    }
+
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// A disk worker's step: write one unit of its lane.
+pub(super) struct DiskStep<'a> {
+    lanes: &'a DiskLanes,
+    lane: Lane,
+    /// One unit, 4 KiB-aligned for O_DIRECT.
+    buf: AlignedBuf,
+}
+
+impl<'a> DiskStep<'a> {
+    pub fn new(lanes: &'a DiskLanes, vcpu: u32) -> Self {
+        Self {
+            lanes,
+            lane: lanes.program.lane(vcpu),
+            buf: AlignedBuf::new_zeroed(DISK_WRITE_BYTES as usize),
+        }
+    }
+}
+
+impl Step for DiskStep<'_> {
+    /// The guest throttle is for memory pre-copy; see [`Vcpus::set_throttle`].
+    const THROTTLED: bool = false;
+
+    fn step(&mut self, vcpus: &Vcpus, regs: &mut VcpuRegs) {
+        let mut next = *regs;
+        let (index, version) = self.lane.advance(&mut next);
+        let unit = self.lane.item_of(index);
+        self.lanes.program.fill_unit(unit, version, &mut self.buf);
+        match self
+            .lanes
+            .disk
+            .write_at(DiskProgram::unit_offset(unit), &self.buf)
+        {
+            Ok(()) => {
+                *regs = next;
+                self.lanes.steps[self.lane.vcpu() as usize].store(regs.steps, Ordering::Release);
+            }
+            Err(error) => {
+                let failed = self.lanes.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if failed == 1 || failed.is_multiple_of(WRITE_ERRORS_LOGGED_EVERY) {
+                    tracing::warn!(
+                        vcpu = self.lane.vcpu(),
+                        unit,
+                        write_errors = failed,
+                        error = %error_chain(&error),
+                        "guest disk write failed; retrying"
+                    );
+                }
+                vcpus.nap(WRITE_RETRY_NAP);
+            }
+        }
+    }
+}
+
+/// `error` and its sources, joined with ": " (the Display of our errors leaves the source
+/// out).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}

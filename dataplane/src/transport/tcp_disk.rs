@@ -1,0 +1,584 @@
+//! Disk links over TCP: two connections per migration, a *bulk* lane for the bulk copy
+//! and a *mirror* lane for mirrored guest writes, so a mirrored write never queues behind
+//! megabytes of bulk chunks (or of memory pages: those have streams of their own).
+//!
+//! Source: requests are written with one `writev` (header + payload straight from the
+//! caller's buffer); a reader thread per lane turns acks into completed tickets.
+//!
+//! Destination: one thread per lane reads each frame's payload straight into a registered
+//! io_uring buffer, hashes its blocks while they are in cache, queues the write, and keeps
+//! reading while up to `queue_depth` writes are in flight; when a write completes it records
+//! the hashes in the disk's digest and only then acknowledges it. Ordering between the lanes
+//! is the mirror's business ([`crate::disk::mirror`]): the source mirrors a write only into
+//! a chunk the destination has already acknowledged, and never has two writes to the same
+//! bytes in flight, so the destination may complete writes in any order.
+
+use std::io::{IoSlice, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+
+use super::ack::AckTable;
+use super::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
+use crate::disk::{BlockRing, BLOCK_SIZE};
+use crate::memory::{page_hash, ZERO_PAGE_HASH};
+use crate::wire::{read_exact_or_truncated, DiskFrame, WireError, ACK_OK, FRAME_HEADER_LEN};
+
+/// Lane indices, as reported in errors (after the memory streams' indices).
+pub const BULK_LANE: usize = 0;
+pub const MIRROR_LANE: usize = 1;
+/// Writes the mirror lane keeps in flight on the destination.
+const MIRROR_QUEUE_DEPTH: u32 = 8;
+
+fn io_error(stream: usize, op: &'static str) -> impl Fn(std::io::Error) -> TransportError {
+    move |source| TransportError::Io { stream, op, source }
+}
+
+/// Writes `header` and `payload` completely, retrying short writes.
+fn write_frame(
+    socket: &mut TcpStream,
+    header: &[u8],
+    payload: &[u8],
+    stream: usize,
+) -> Result<(), TransportError> {
+    let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
+    let mut slices = &mut bufs[..];
+    while !slices.is_empty() {
+        match socket.write_vectored(slices) {
+            Ok(0) => {
+                return Err(TransportError::Io {
+                    stream,
+                    op: "sending a disk frame",
+                    source: std::io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(stream, "sending a disk frame")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Source half: the two lanes, the tickets, and an ack reader per lane.
+pub struct TcpDiskSource {
+    lanes: [Mutex<TcpStream>; 2],
+    closers: Vec<TcpStream>,
+    acks: Arc<AckTable>,
+    readers: Mutex<Vec<JoinHandle<()>>>,
+    bytes: AtomicU64,
+    /// Index of the bulk lane in errors (the mirror lane is the next).
+    stream_base: usize,
+}
+
+impl TcpDiskSource {
+    /// `bulk` and `mirror` are connected to the destination's bulk and mirror lanes;
+    /// `disk_sizes` are the sizes both sides agreed on; `stream_base` numbers the lanes in
+    /// errors.
+    pub fn new(
+        bulk: TcpStream,
+        mirror: TcpStream,
+        disk_sizes: Vec<u64>,
+        stream_base: usize,
+    ) -> Result<Self, TransportError> {
+        let acks = Arc::new(AckTable::default());
+        let mut closers = Vec::new();
+        let mut readers = Vec::new();
+        for (lane, socket) in [&bulk, &mirror].into_iter().enumerate() {
+            let stream = stream_base + lane;
+            socket
+                .set_nodelay(true)
+                .map_err(io_error(stream, "setting TCP_NODELAY"))?;
+            closers.push(
+                socket
+                    .try_clone()
+                    .map_err(io_error(stream, "cloning a socket"))?,
+            );
+            let mut reader = socket
+                .try_clone()
+                .map_err(io_error(stream, "cloning a socket"))?;
+            let acks = Arc::clone(&acks);
+            let sizes = disk_sizes.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ferry-disk-ack{lane}"))
+                .spawn(move || {
+                    let reason = read_acks(&mut reader, &sizes, &acks, stream);
+                    acks.close(reason);
+                })
+                .map_err(io_error(stream, "spawning an ack reader"))?;
+            readers.push(handle);
+        }
+        Ok(Self {
+            lanes: [Mutex::new(bulk), Mutex::new(mirror)],
+            closers,
+            acks,
+            readers: Mutex::new(readers),
+            bytes: AtomicU64::new(0),
+            stream_base,
+        })
+    }
+
+    fn send(&self, lane: usize, frame: DiskFrame, payload: &[u8]) -> Result<u32, TransportError> {
+        let stream = self.stream_base + lane;
+        let mut socket = self.lanes[lane]
+            .lock()
+            .map_err(|_| TransportError::Shutdown)?;
+        write_frame(&mut socket, &frame.encode(), payload, stream)?;
+        self.bytes
+            .fetch_add((FRAME_HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
+        Ok(frame.id())
+    }
+
+    fn request(
+        &self,
+        lane: usize,
+        make: impl FnOnce(u32) -> DiskFrame,
+        payload: &[u8],
+    ) -> Result<u32, TransportError> {
+        let id = self.acks.register()?;
+        self.send(lane, make(id), payload)
+            .inspect_err(|_| self.acks.forget(id))
+    }
+}
+
+/// Ack reader: completes tickets until the link ends; returns why it ended.
+fn read_acks(socket: &mut TcpStream, sizes: &[u64], acks: &AckTable, stream: usize) -> String {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    loop {
+        if let Err(e) = read_exact_or_truncated(socket, &mut header, "disk ack") {
+            return if e.is_clean_eof() {
+                format!("the destination closed disk link {stream}")
+            } else {
+                format!("disk link {stream}: {e}")
+            };
+        }
+        match DiskFrame::decode(&header, sizes) {
+            Ok(DiskFrame::Ack { id, status, .. }) => {
+                if let Err(e) = acks.complete(id, status) {
+                    return format!("disk link {stream}: {e}");
+                }
+            }
+            Ok(other) => return format!("disk link {stream}: expected an ack, got {other:?}"),
+            Err(e) => return format!("disk link {stream}: bad ack frame: {e}"),
+        }
+    }
+}
+
+impl DiskSource for TcpDiskSource {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn send_chunk(
+        &self,
+        disk: u32,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<u32, TransportError> {
+        match data {
+            Some(data) => {
+                debug_assert_eq!(data.len(), len as usize);
+                self.request(
+                    BULK_LANE,
+                    |id| DiskFrame::Chunk {
+                        disk,
+                        id,
+                        offset,
+                        len,
+                    },
+                    data,
+                )
+            }
+            None => self.request(
+                BULK_LANE,
+                |id| DiskFrame::Zero {
+                    disk,
+                    id,
+                    offset,
+                    len,
+                },
+                &[],
+            ),
+        }
+    }
+
+    fn send_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<u32, TransportError> {
+        let len = u32::try_from(data.len()).map_err(|_| TransportError::DiskRequestTooLarge {
+            stream: self.stream_base + MIRROR_LANE,
+            len: u32::MAX,
+            limit: u32::MAX as usize,
+        })?;
+        self.request(
+            MIRROR_LANE,
+            |id| DiskFrame::Write {
+                disk,
+                id,
+                offset,
+                len,
+            },
+            data,
+        )
+    }
+
+    fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
+        self.acks.wait(ticket, deadline)
+    }
+
+    fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
+        self.acks.poll(ticket)
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn shutdown(&self) {
+        self.acks.close("the disk link was shut down");
+        for s in &self.closers {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in readers {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for TcpDiskSource {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Destination half: a receiving thread per lane.
+pub struct TcpDiskDestination {
+    sockets: Vec<Option<TcpStream>>,
+    closers: Vec<TcpStream>,
+    receivers: Vec<JoinHandle<()>>,
+    stream_base: usize,
+}
+
+impl TcpDiskDestination {
+    pub fn new(
+        bulk: TcpStream,
+        mirror: TcpStream,
+        stream_base: usize,
+    ) -> Result<Self, TransportError> {
+        let mut closers = Vec::new();
+        for (lane, socket) in [&bulk, &mirror].into_iter().enumerate() {
+            let stream = stream_base + lane;
+            socket
+                .set_nodelay(true)
+                .map_err(io_error(stream, "setting TCP_NODELAY"))?;
+            closers.push(
+                socket
+                    .try_clone()
+                    .map_err(io_error(stream, "cloning a socket"))?,
+            );
+        }
+        Ok(Self {
+            sockets: vec![Some(bulk), Some(mirror)],
+            closers,
+            receivers: Vec::new(),
+            stream_base,
+        })
+    }
+}
+
+impl DiskDestination for TcpDiskDestination {
+    fn start(
+        &mut self,
+        disks: Vec<LandingDisk>,
+        chunk_bytes: usize,
+        queue_depth: u32,
+        events: Sender<ReceiveEvent>,
+    ) -> Result<(), TransportError> {
+        let disks = Arc::new(disks);
+        for (lane, slot) in self.sockets.iter_mut().enumerate() {
+            let stream = self.stream_base + lane;
+            let socket = slot.take().ok_or(TransportError::Shutdown)?;
+            let depth = if lane == BULK_LANE {
+                queue_depth
+            } else {
+                MIRROR_QUEUE_DEPTH
+            };
+            let ring = BlockRing::new(depth, depth as usize, chunk_bytes)
+                .map_err(|source| TransportError::Disk { stream, source })?;
+            let receiver = LaneReceiver {
+                stream,
+                lane,
+                disks: Arc::clone(&disks),
+                sizes: disks.iter().map(|d| d.image.size()).collect(),
+                ring,
+                slots: (0..depth).map(|_| None).collect(),
+                free: (0..depth as usize).rev().collect(),
+            };
+            let events = events.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ferry-disk-rx{lane}"))
+                .spawn(move || {
+                    let mut receiver = receiver;
+                    if let Err(error) = receiver.run(socket) {
+                        let _ = events.send(ReceiveEvent::Failed { stream, error });
+                    }
+                })
+                .map_err(io_error(stream, "spawning a disk receiver"))?;
+            self.receivers.push(handle);
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) {
+        for s in &self.closers {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for h in self.receivers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for TcpDiskDestination {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A write queued in the ring: what to record and acknowledge when it completes.
+struct InFlight {
+    disk: u32,
+    id: u32,
+    first_block: usize,
+    hashes: Vec<u64>,
+}
+
+struct LaneReceiver {
+    stream: usize,
+    lane: usize,
+    disks: Arc<Vec<LandingDisk>>,
+    sizes: Vec<u64>,
+    ring: BlockRing,
+    /// Per ring buffer: the write queued from it.
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+}
+
+impl LaneReceiver {
+    fn run(&mut self, mut socket: TcpStream) -> Result<(), TransportError> {
+        let result = self.receive(&mut socket);
+        // Whatever happened, let queued writes finish before the buffers go away (the
+        // ring's drop waits too); their acks no longer matter on error.
+        if result.is_ok() {
+            self.reap(&mut socket, self.ring.in_flight())?;
+        }
+        result
+    }
+
+    fn receive(&mut self, socket: &mut TcpStream) -> Result<(), TransportError> {
+        let stream = self.stream;
+        let wire = |source: WireError| TransportError::Wire { stream, source };
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        loop {
+            // Acknowledge what has completed before blocking on the socket; and never block
+            // on the socket while writes are in flight and nothing has arrived: the source
+            // may be waiting for exactly those acknowledgements.
+            self.reap(socket, 0)?;
+            if self.ring.in_flight() > 0 && !readable_now(socket) {
+                self.reap(socket, 1)?;
+                continue;
+            }
+            match read_exact_or_truncated(socket, &mut header, "disk frame header") {
+                Ok(()) => {}
+                Err(e) if e.is_clean_eof() => return Ok(()),
+                Err(e) => return Err(wire(e)),
+            }
+            let frame = DiskFrame::decode(&header, &self.sizes).map_err(wire)?;
+            match (self.lane, frame) {
+                (
+                    BULK_LANE,
+                    DiskFrame::Chunk {
+                        disk,
+                        id,
+                        offset,
+                        len,
+                    },
+                )
+                | (
+                    MIRROR_LANE,
+                    DiskFrame::Write {
+                        disk,
+                        id,
+                        offset,
+                        len,
+                    },
+                ) => self.land(socket, disk, id, offset, len)?,
+                (
+                    BULK_LANE,
+                    DiskFrame::Zero {
+                        disk,
+                        id,
+                        offset,
+                        len,
+                    },
+                ) => self.land_zero(socket, disk, id, offset, len)?,
+                (_, other) => {
+                    return Err(TransportError::UnexpectedDiskFrame {
+                        stream,
+                        what: format!("{other:?} on the {} lane", lane_name(self.lane)),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reads a payload into a free ring buffer, hashes it, and queues its write.
+    fn land(
+        &mut self,
+        socket: &mut TcpStream,
+        disk: u32,
+        id: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), TransportError> {
+        let stream = self.stream;
+        if len as usize > self.ring.buffer_len() {
+            return Err(TransportError::DiskRequestTooLarge {
+                stream,
+                len,
+                limit: self.ring.buffer_len(),
+            });
+        }
+        while self.free.is_empty() {
+            self.reap(socket, 1)?;
+        }
+        let index = self.free.pop().expect("a free buffer");
+        let buf = &mut self.ring.buffer_mut(index)[..len as usize];
+        read_exact_or_truncated(socket, buf, "disk payload")
+            .map_err(|source| TransportError::Wire { stream, source })?;
+        let hashes: Vec<u64> = buf.chunks_exact(BLOCK_SIZE).map(page_hash).collect();
+        let landing = &self.disks[disk as usize];
+        self.ring
+            .write(&landing.image, index, offset, len as usize, index as u64)
+            .map_err(|source| TransportError::Disk { stream, source })?;
+        self.slots[index] = Some(InFlight {
+            disk,
+            id,
+            first_block: (offset / BLOCK_SIZE as u64) as usize,
+            hashes,
+        });
+        Ok(())
+    }
+
+    fn land_zero(
+        &mut self,
+        socket: &mut TcpStream,
+        disk: u32,
+        id: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), TransportError> {
+        let landing = &self.disks[disk as usize];
+        if !landing.fresh {
+            landing
+                .image
+                .zero_range(offset, len as u64)
+                .map_err(|source| TransportError::Disk {
+                    stream: self.stream,
+                    source,
+                })?;
+        }
+        let first = (offset / BLOCK_SIZE as u64) as usize;
+        let blocks = len as usize / BLOCK_SIZE;
+        let delta = (first..first + blocks).fold(0u64, |acc, b| {
+            acc.wrapping_add(landing.digest.record(b, ZERO_PAGE_HASH))
+        });
+        landing.digest.apply(delta);
+        self.ack(socket, disk, id, ACK_OK)
+    }
+
+    /// Collects at least `min` completed writes: records their hashes, then acknowledges.
+    fn reap(&mut self, socket: &mut TcpStream, min: usize) -> Result<(), TransportError> {
+        if self.ring.in_flight() == 0 {
+            return Ok(());
+        }
+        let stream = self.stream;
+        let done = self
+            .ring
+            .complete(min)
+            .map_err(|source| TransportError::Disk { stream, source })?;
+        for completion in done {
+            let index = completion.user_data as usize;
+            let Some(flight) = self.slots.get_mut(index).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(index);
+            match completion.result {
+                Ok(_) => {
+                    let digest = &self.disks[flight.disk as usize].digest;
+                    let delta = flight.hashes.iter().enumerate().fold(0u64, |acc, (i, &h)| {
+                        acc.wrapping_add(digest.record(flight.first_block + i, h))
+                    });
+                    digest.apply(delta);
+                    self.ack(socket, flight.disk, flight.id, ACK_OK)?;
+                }
+                Err(source) => {
+                    let errno = source.raw_os_error().unwrap_or(libc::EIO) as u32;
+                    let _ = self.ack(socket, flight.disk, flight.id, errno);
+                    let image = &self.disks[flight.disk as usize].image;
+                    return Err(TransportError::Disk {
+                        stream,
+                        source: crate::disk::DiskError::Io {
+                            path: image.path().to_path_buf(),
+                            op: "writing a received disk chunk",
+                            offset: flight.first_block as u64 * BLOCK_SIZE as u64,
+                            source,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ack(
+        &self,
+        socket: &mut TcpStream,
+        disk: u32,
+        id: u32,
+        status: u32,
+    ) -> Result<(), TransportError> {
+        write_frame(
+            socket,
+            &DiskFrame::Ack { disk, id, status }.encode(),
+            &[],
+            self.stream,
+        )
+    }
+}
+
+/// True when `socket` has bytes (or an end of stream) to read right now.
+fn readable_now(socket: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pollfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is one valid, initialised pollfd that lives across the call; a
+    // timeout of 0 makes it a non-blocking check. The fd stays open (borrowed from socket).
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ready != 0
+}
+
+fn lane_name(lane: usize) -> &'static str {
+    if lane == BULK_LANE {
+        "bulk"
+    } else {
+        "mirror"
+    }
+}
