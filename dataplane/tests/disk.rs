@@ -46,6 +46,19 @@ fn migrate_and_compare(
     let outcome = migrate_with(vm, incoming, params, &mut tracker, hooks, &cancel);
     let report = outcome.source.expect("source side");
     let incoming_report = outcome.destination.expect("destination side");
+    eprintln!(
+        "downtime {:.2} ms, total {:.0} ms, disk copy {:.0} ms at {:.2} GiB/s, mirrored {} writes p50 {:.0} us p99 {:.0} us (unmirrored p50 {:.0} us p99 {:.0} us), waited {}",
+        report.downtime_ms,
+        report.total_ms,
+        report.disk_copy_ms,
+        report.disks[0].copy_bytes_per_s / (1u64 << 30) as f64,
+        report.disks[0].mirrored_writes,
+        report.disks[0].mirrored_latency.p50_us,
+        report.disks[0].mirrored_latency.p99_us,
+        report.disks[0].unmirrored_latency.p50_us,
+        report.disks[0].unmirrored_latency.p99_us,
+        report.disks[0].waited_for_copy,
+    );
     assert_eq!(report.disks.len(), 1);
     assert_eq!(incoming_report.disk_digests, vec![report.disks[0].digest]);
     assert!(

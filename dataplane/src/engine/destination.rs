@@ -225,6 +225,7 @@ fn receive(
     let mut pages_received = 0u64;
     let mut switchover: Option<(u32, Vec<u8>, u64, Vec<u64>)> = None;
     let mut last_heard = Instant::now();
+    let mut presynced = guest.disks().is_empty();
     loop {
         if is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -245,6 +246,15 @@ fn receive(
                     last_heard = Instant::now();
                     stream_round[stream] = round + 1;
                     pages_received += pages;
+                    // Memory round 0 starts after the disks' bulk copy ended: flush those
+                    // writes now, so the sync inside the switch-over only has the
+                    // mirrored writes since to make durable.
+                    if !presynced && stream_round.iter().all(|&r| r >= 1) {
+                        presynced = true;
+                        for disk in guest.disks() {
+                            disk.image().sync()?;
+                        }
+                    }
                 }
                 Ok(ReceiveEvent::Failed { stream, error }) => {
                     // A source that aborts closes its streams first; prefer its reason.
