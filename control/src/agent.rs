@@ -4,7 +4,7 @@
 //! is: a CLI request (answered, then closed), a peer's `MigrateIn` (the connection becomes
 //! the migration's control channel) or a peer's data stream (handed to its pending
 //! session). Outgoing migrations run on their own threads, so a CLI that goes away changes
-//! nothing.
+//! nothing. Disk images live under `DATA_DIR/disks/` ([`crate::disks`]).
 
 use std::fs;
 use std::io::Write;
@@ -16,13 +16,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use crossbeam_channel::bounded;
+use ferry_dataplane::disk::VirtualDisk;
 use ferry_dataplane::engine::MigrationParams;
 use ferry_dataplane::guest::reference::{ReferenceVm, VmSpec};
+use ferry_dataplane::guest::Guest;
 use ferry_dataplane::wire::{read_message, write_message};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::api::{ErrorKind, Request, Response, VmState};
+use crate::api::{DiskPlacement, ErrorKind, Request, Response, VmState};
+use crate::disks::{open_user_disk, zero_for_boot, DiskStore, DiskStoreError, HostedDisk};
 use crate::error_chain;
 use crate::migration::{accept_incoming, run_outgoing, OutgoingRequest, PendingSessions};
 use crate::peer::{Opening, PEER_MESSAGE_LEN_MAX};
@@ -70,6 +73,7 @@ pub struct AgentIdentity {
 pub struct Agent {
     registry: Registry,
     sessions: PendingSessions,
+    disks: DiskStore,
     shutting_down: AtomicBool,
     local_addr: SocketAddr,
     connections: AtomicUsize,
@@ -80,6 +84,12 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    let disks = DiskStore::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the disks directory in {}",
             config.data_dir.display()
         )
     })?;
@@ -97,6 +107,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Agent {
         registry: Registry::new(),
         sessions: PendingSessions::new(),
+        disks,
         shutting_down: AtomicBool::new(false),
         local_addr,
         connections: AtomicUsize::new(0),
@@ -180,6 +191,7 @@ fn registry_error(err: RegistryError) -> Response {
         RegistryError::NotFound { .. } => ErrorKind::NotFound,
         RegistryError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
         RegistryError::Busy { .. } | RegistryError::NotReady { .. } => ErrorKind::Busy,
+        RegistryError::DiskInUse { .. } => ErrorKind::BadRequest,
     };
     Response::error(kind, err.to_string())
 }
@@ -196,7 +208,8 @@ impl Agent {
         }
     }
 
-    /// Cancels migrations, gives them a bounded time to fail back, stops every VM.
+    /// Cancels migrations, gives them a bounded time to fail back, stops every VM. VMs
+    /// live only in this process, so their agent-owned disk images go with them.
     fn finish(&self) {
         self.registry.cancel_all();
         let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -210,8 +223,13 @@ impl Agent {
                 "migrations still running at shutdown; stopping their VMs anyway"
             );
         }
-        for vm in self.registry.drain() {
-            vm.shutdown();
+        for (vm, disk) in self.registry.drain() {
+            if let Some(vm) = vm {
+                vm.shutdown();
+            }
+            if let Some(disk) = disk {
+                self.disks.remove(&disk, "agent shutdown");
+            }
         }
         info!("agent stopped");
     }
@@ -241,6 +259,7 @@ impl Agent {
                 accept_incoming(
                     &self.registry,
                     &self.sessions,
+                    &self.disks,
                     stream,
                     request,
                     &self.shutting_down,
@@ -265,6 +284,8 @@ impl Agent {
         if let Request::VmStatus { name }
         | Request::VmVerify { name }
         | Request::VmDestroy { name }
+        | Request::VmPause { name }
+        | Request::VmResume { name }
         | Request::Migrate { name, .. } = &request
         {
             self.settle(name);
@@ -278,7 +299,7 @@ impl Agent {
                 self.begin_shutdown("Shutdown request");
                 return;
             }
-            Request::VmCreate { spec } => self.create(spec),
+            Request::VmCreate { spec, disk } => self.create(spec, disk),
             Request::VmList => Response::Vms {
                 vms: self.registry.list(),
             },
@@ -288,13 +309,21 @@ impl Agent {
             },
             Request::VmVerify { name } => self.verify(name),
             Request::VmDestroy { name } => match self.registry.destroy(&name) {
-                Ok(vm) => {
-                    vm.shutdown();
+                Ok(removed) => {
+                    removed.vm.shutdown();
+                    // Close the image before deleting it (unlinking an open file works,
+                    // but a verify still holding the VM would then read a ghost).
+                    drop(removed.vm);
+                    if let Some(disk) = &removed.disk {
+                        self.disks.remove(disk, "VM destroyed");
+                    }
                     info!(vm = %name, "VM destroyed");
                     Response::Destroyed { name }
                 }
                 Err(err) => registry_error(err),
             },
+            Request::VmPause { name } => self.pause_or_resume(name, false),
+            Request::VmResume { name } => self.pause_or_resume(name, true),
             Request::Cancel { name } => match self.registry.cancel(&name) {
                 Ok(was_running) => {
                     info!(vm = %name, was_running, "cancel requested");
@@ -308,22 +337,85 @@ impl Agent {
         }
     }
 
-    fn create(&self, spec: VmSpec) -> Response {
+    fn create(&self, mut spec: VmSpec, placement: DiskPlacement) -> Response {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Response::error(ErrorKind::ShuttingDown, "the agent is shutting down");
         }
+        let disk_error = |err: DiskStoreError| Response::error(err.kind(), error_chain(&err));
+        // A user's file or device: opened (not yet touched) first, since its size is the
+        // disk's and the spec is checked with it.
+        let mut user_image = None;
+        let hosted = match (&mut spec.disk, &placement.path) {
+            (None, None) => None,
+            (None, Some(path)) => {
+                return Response::error(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "a disk path ({}) was given for a VM without a disk",
+                        path.display()
+                    ),
+                )
+            }
+            (Some(disk), Some(path)) => match open_user_disk(path, placement.direct_io) {
+                Ok((path, image)) => {
+                    disk.bytes = image.size();
+                    user_image = Some(image);
+                    Some(HostedDisk {
+                        path,
+                        agent_owned: false,
+                    })
+                }
+                Err(err) => return disk_error(err),
+            },
+            // Reserved, not yet owned: see `Registry::claim_disk`.
+            (Some(_), None) => match self.disks.image_path(&spec.name) {
+                Ok(path) => Some(HostedDisk {
+                    path,
+                    agent_owned: false,
+                }),
+                Err(err) => return disk_error(err),
+            },
+        };
         if let Err(err) = spec.validate() {
             return Response::error(ErrorKind::BadRequest, error_chain(&err));
         }
         let name = spec.name.clone();
-        if let Err(err) = self.registry.reserve(&spec, VmState::Running) {
+        if let Err(err) = self
+            .registry
+            .reserve(&spec, VmState::Running, hosted.clone())
+        {
             return registry_error(err);
         }
-        // Booting writes all of memory: done outside the registry lock, under the name's
-        // reservation.
-        match ReferenceVm::boot(spec) {
+        // Zeroing a device or writing gigabytes of boot content takes seconds: done outside
+        // the registry lock, under the name's (and the image's) reservation.
+        let disk = match (&spec.disk, user_image) {
+            (None, _) => Ok(None),
+            (Some(_), Some(image)) => zero_for_boot(image).map(Some),
+            (Some(disk), None) => self
+                .disks
+                .create(&name, disk.bytes, placement.direct_io)
+                .map(|image| {
+                    self.registry.claim_disk(&name);
+                    Some(Arc::new(VirtualDisk::new(image)))
+                }),
+        };
+        let disk = match disk {
+            Ok(disk) => disk,
+            Err(err) => {
+                // A create that failed removed what it made; a leftover stays.
+                self.registry.remove(&name);
+                return disk_error(err);
+            }
+        };
+        // The image exists now: one the agent created is its to delete.
+        let hosted = hosted.map(|disk| HostedDisk {
+            agent_owned: placement.path.is_none(),
+            ..disk
+        });
+        match ReferenceVm::boot_with_disk(spec, disk) {
             Ok(vm) => {
                 self.registry.attach(&name, Arc::new(vm));
+                info!(vm = %name, disk = ?hosted.as_ref().map(|d| &d.path), "VM created");
                 match self.registry.info(&name) {
                     Ok(vm) => Response::Created { vm },
                     Err(err) => registry_error(err),
@@ -331,11 +423,35 @@ impl Agent {
             }
             Err(err) => {
                 self.registry.remove(&name);
+                if let Some(disk) = &hosted {
+                    self.disks.remove(disk, "booting the VM failed");
+                }
                 Response::error(
                     ErrorKind::Internal,
                     format!("booting {name:?} failed: {}", error_chain(&err)),
                 )
             }
+        }
+    }
+
+    /// `vm pause` / `vm resume`: only for a VM hosted here and not migrating.
+    fn pause_or_resume(&self, name: String, resume: bool) -> Response {
+        let operation = if resume { "resume" } else { "pause" };
+        let vm = match self.registry.get_settled(&name, operation) {
+            Ok(vm) => vm,
+            Err(err) => return registry_error(err),
+        };
+        let result = if resume { vm.resume() } else { vm.quiesce() };
+        if let Err(err) = result {
+            return Response::error(
+                ErrorKind::Internal,
+                format!("{operation} of {name:?} failed: {}", error_chain(&err)),
+            );
+        }
+        info!(vm = %name, "VM {}", if resume { "resumed" } else { "paused" });
+        match self.registry.info(&name) {
+            Ok(vm) => Response::Vm { vm },
+            Err(err) => registry_error(err),
         }
     }
 
@@ -400,7 +516,9 @@ impl Agent {
         };
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{name}"))
-            .spawn(move || run_outgoing(&agent.registry, outgoing, request, events_tx));
+            .spawn(move || {
+                run_outgoing(&agent.registry, &agent.disks, outgoing, request, events_tx)
+            });
         if let Err(err) = spawned {
             self.registry.set_state(&name, VmState::Running);
             let message = format!("cannot start the migration thread: {err}");

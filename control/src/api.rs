@@ -6,8 +6,11 @@
 //! [`Response::Error`]. Every message is framed by `ferry_dataplane::wire` (postcard,
 //! checksummed, bounded by [`API_MESSAGE_LEN_MAX`]).
 
+use std::path::PathBuf;
+
+use ferry_dataplane::disk::{DirectIo, LatencySummary};
 use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
-use ferry_dataplane::guest::reference::{Pattern, VerifyReport, VmSpec};
+use ferry_dataplane::guest::reference::{DiskPattern, Pattern, VerifyReport, VmSpec};
 use serde::{Deserialize, Serialize};
 
 /// Largest response the CLI accepts: a list of many VMs or a verify report with its
@@ -18,9 +21,12 @@ pub const API_MESSAGE_LEN_MAX: u32 = 4 << 20;
 /// What the CLI asks an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
-    /// Boot a reference VM (names are unique per agent).
+    /// Boot a reference VM (names are unique per agent). When `spec.disk` is set, `disk`
+    /// says where its image lives and how it is opened.
     VmCreate {
         spec: VmSpec,
+        #[serde(default)]
+        disk: DiskPlacement,
     },
     VmList,
     VmStatus {
@@ -30,7 +36,16 @@ pub enum Request {
     VmVerify {
         name: String,
     },
+    /// Stop and remove a VM; a disk image the agent created for it is deleted with it.
     VmDestroy {
+        name: String,
+    },
+    /// Stop the vCPUs (and their disk writes) at a step boundary; the VM stays hosted.
+    VmPause {
+        name: String,
+    },
+    /// Let a paused VM (or one that arrived with `migrate --paused`) run again.
+    VmResume {
         name: String,
     },
     /// Move `name` to the agent at `to` (`host:port`). The source agent runs the migration in
@@ -46,6 +61,19 @@ pub enum Request {
     },
     /// Stop the agent: cancels migrations, shuts its VMs down, exits.
     Shutdown,
+}
+
+/// Where the image of a new VM's disk comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskPlacement {
+    /// An existing file or block device on the agent's host, whose whole content the agent
+    /// overwrites and whose size becomes the disk's (the spec's `bytes` is then ignored).
+    /// `None`: the agent creates `DATA_DIR/disks/NAME.img` of the spec's size, and owns it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// How the agent opens the image.
+    #[serde(default)]
+    pub direct_io: DirectIo,
 }
 
 /// Where a hosted VM is in its life on this agent.
@@ -93,6 +121,35 @@ pub struct VmInfo {
     /// Steps per vCPU.
     pub steps: Vec<u64>,
     pub throttle_percent: u8,
+    /// The VM's virtual disk, if it has one.
+    #[serde(default)]
+    pub disk: Option<DiskInfo>,
+}
+
+/// A hosted VM's virtual disk as `vm status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub bytes: u64,
+    /// The image: a file or a block device on the agent's host.
+    pub path: PathBuf,
+    /// The agent created the image (under `DATA_DIR/disks/`) and deletes it with the VM;
+    /// false for a path the user gave, which is never deleted.
+    pub agent_owned: bool,
+    pub block_device: bool,
+    /// O_DIRECT is in effect for the image.
+    pub direct_io: bool,
+    pub pattern: DiskPattern,
+    /// Bytes the vCPUs write to the disk per second, in total.
+    pub write_rate_bytes_per_s: u64,
+    /// Share of 1 MiB extents given content at boot.
+    pub fill_percent: u8,
+    /// Disk writes completed, per vCPU, and in total.
+    pub steps: Vec<u64>,
+    pub total_steps: u64,
+    /// Guest disk writes that failed (each is retried until it succeeds).
+    pub write_errors: u64,
+    /// Guest write latency while no migration mirrored the disk.
+    pub unmirrored_latency: LatencySummary,
 }
 
 /// Why a request failed, so that scripts need not parse messages.
@@ -178,8 +235,8 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_dataplane::engine::Phase;
-    use ferry_dataplane::guest::reference::Mismatch;
+    use ferry_dataplane::engine::{DiskProgress, DiskReport, Phase};
+    use ferry_dataplane::guest::reference::{DiskMismatch, DiskSpec, Mismatch};
     use ferry_dataplane::wire::message::{decode_message, encode_message};
 
     fn spec() -> VmSpec {
@@ -191,6 +248,7 @@ mod tests {
             pattern: Pattern::Hotset,
             seed: 7,
             fill_percent: 50,
+            disk: None,
         }
     }
 
@@ -208,6 +266,44 @@ mod tests {
             total_steps: 30,
             steps: vec![10, 20],
             throttle_percent: 5,
+            disk: None,
+        }
+    }
+
+    fn disk_spec() -> VmSpec {
+        VmSpec {
+            disk: Some(DiskSpec {
+                bytes: 8 << 30,
+                write_rate_bytes_per_s: 20 << 20,
+                pattern: DiskPattern::Sequential,
+                fill_percent: 25,
+            }),
+            ..spec()
+        }
+    }
+
+    fn disk_info() -> VmInfo {
+        VmInfo {
+            disk: Some(DiskInfo {
+                bytes: 8 << 30,
+                path: "/var/lib/ferry/disks/vm1.img".into(),
+                agent_owned: true,
+                block_device: false,
+                direct_io: true,
+                pattern: DiskPattern::Random,
+                write_rate_bytes_per_s: 20 << 20,
+                fill_percent: 25,
+                steps: vec![1, 2],
+                total_steps: 3,
+                write_errors: 0,
+                unmirrored_latency: LatencySummary {
+                    count: 3,
+                    p50_us: 40.0,
+                    p99_us: 900.0,
+                    max_us: 1000.0,
+                },
+            }),
+            ..info()
         }
     }
 
@@ -222,7 +318,23 @@ mod tests {
     #[test]
     fn every_request_round_trips() {
         let requests = [
-            Request::VmCreate { spec: spec() },
+            Request::VmCreate {
+                spec: spec(),
+                disk: DiskPlacement::default(),
+            },
+            Request::VmCreate {
+                spec: disk_spec(),
+                disk: DiskPlacement::default(),
+            },
+            Request::VmCreate {
+                spec: disk_spec(),
+                disk: DiskPlacement {
+                    path: Some("/dev/vdb".into()),
+                    direct_io: DirectIo::Required,
+                },
+            },
+            Request::VmPause { name: "p".into() },
+            Request::VmResume { name: "r".into() },
             Request::VmList,
             Request::VmStatus { name: "a".into() },
             Request::VmVerify { name: "b".into() },
@@ -232,6 +344,18 @@ mod tests {
                 to: "127.0.0.1:7071".into(),
                 params: MigrationParams {
                     bandwidth_max_bytes_per_s: Some(1 << 30),
+                    ..MigrationParams::default()
+                },
+            },
+            Request::Migrate {
+                name: "d".into(),
+                to: "127.0.0.1:7071".into(),
+                params: MigrationParams {
+                    disk_chunk_bytes: 4 << 20,
+                    disk_queue_depth: 64,
+                    direct_io: DirectIo::Off,
+                    start_paused: true,
+                    keep_source_disks: true,
                     ..MigrationParams::default()
                 },
             },
@@ -257,6 +381,16 @@ mod tests {
             }],
             register_mismatches: vec![],
             steps: vec![5, 6],
+            disk_bytes_checked: 1 << 30,
+            mismatched_disk_blocks: 1,
+            first_disk_mismatches: vec![DiskMismatch {
+                block: 9,
+                offset: 9 * 4096 + 3,
+                expected: 1,
+                found: 2,
+            }],
+            disk_register_mismatches: vec![],
+            disk_steps: vec![4, 4],
             elapsed_ms: 1.5,
         };
         let responses = [
@@ -265,6 +399,7 @@ mod tests {
                 vms: vec![info(), info()],
             },
             Response::Vm { vm: info() },
+            Response::Vm { vm: disk_info() },
             Response::Destroyed { name: "x".into() },
             Response::Progress(Progress {
                 phase: Some(Phase::MemoryPreCopy),
@@ -272,9 +407,38 @@ mod tests {
                 eta_ms: Some(9),
                 ..Default::default()
             }),
+            Response::Progress(Progress {
+                phase: Some(Phase::DiskCopy),
+                disks: vec![DiskProgress {
+                    bytes_total: 1 << 30,
+                    bytes_copied: 1 << 29,
+                    rate_bytes_per_s: 1 << 28,
+                    eta_ms: Some(2000),
+                    mirrored_writes: 17,
+                }],
+                ..Default::default()
+            }),
             Response::Migrated(MigrationReport {
                 total_ms: 12.5,
                 transport: "tcp".into(),
+                ..Default::default()
+            }),
+            Response::Migrated(MigrationReport {
+                disk_copy_ms: 800.0,
+                disks: vec![DiskReport {
+                    bytes: 128 << 20,
+                    data_bytes: 32 << 20,
+                    zero_bytes: 96 << 20,
+                    mirrored_writes: 12,
+                    mirrored_latency: LatencySummary {
+                        count: 12,
+                        p50_us: 300.0,
+                        p99_us: 2000.0,
+                        max_us: 2500.0,
+                    },
+                    digest: 0xfeed,
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             Response::Cancelled {
@@ -304,6 +468,19 @@ mod tests {
         let v = serde_json::to_value(info()).unwrap();
         assert_eq!(v["state"], "migrating");
         assert_eq!(v["pattern"], "sweep");
+        assert!(v["disk"].is_null());
+        let v = serde_json::to_value(disk_info()).unwrap();
+        assert_eq!(v["disk"]["bytes"], 8u64 << 30);
+        assert_eq!(v["disk"]["path"], "/var/lib/ferry/disks/vm1.img");
+        assert_eq!(v["disk"]["pattern"], "random");
+        assert_eq!(v["disk"]["direct_io"], true);
+        assert_eq!(v["disk"]["total_steps"], 3);
+        assert_eq!(v["disk"]["unmirrored_latency"]["p99_us"], 900.0);
+        // Output of an older agent (no disk field) still reads.
+        let mut old = serde_json::to_value(info()).unwrap();
+        old.as_object_mut().unwrap().remove("disk");
+        let back: VmInfo = serde_json::from_value(old).unwrap();
+        assert_eq!(back, info());
         let e = serde_json::to_value(ErrorKind::AlreadyExists).unwrap();
         assert_eq!(e, "already-exists");
     }

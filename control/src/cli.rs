@@ -1,11 +1,14 @@
 //! Command-line definitions (clap). Turning them into requests is [`crate::commands`]'s job.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use ferry_dataplane::engine::MigrationParams;
-use ferry_dataplane::guest::reference::{Pattern, VmSpec};
-use ferry_dataplane::units::parse_size;
+use ferry_dataplane::disk::{DirectIo, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
+use ferry_dataplane::engine::{MigrationParams, DISK_CHUNK_BYTES_MIN};
+use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern, VmSpec};
+use ferry_dataplane::units::{format_bytes, parse_size};
+
+use crate::api::DiskPlacement;
 
 /// Where agents listen, and where the CLI looks for one, unless told otherwise.
 pub const DEFAULT_AGENT: &str = "127.0.0.1:7070";
@@ -85,8 +88,18 @@ pub enum VmCommand {
         /// VM name.
         name: String,
     },
-    /// Stop and remove a VM.
+    /// Stop and remove a VM (and the disk image the agent created for it).
     Destroy {
+        /// VM name.
+        name: String,
+    },
+    /// Stop the VM's vCPUs and disk writes; it stays on the agent (see `vm resume`).
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Let a paused VM run again (also one that arrived with `migrate --paused`).
+    Resume {
         /// VM name.
         name: String,
     },
@@ -98,6 +111,8 @@ pub struct CreateArgs {
     pub name: String,
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub disk: DiskArgs,
 }
 
 /// What to boot (shared by `vm create` and `demo`).
@@ -133,8 +148,98 @@ impl VmArgs {
             pattern: self.pattern,
             seed: self.seed,
             fill_percent: self.fill_percent,
+            disk: None,
         }
     }
+}
+
+/// What `--disk` asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskArg {
+    /// `--disk 0`: no disk.
+    None,
+    /// A new image of this many bytes under the agent's data directory.
+    Size(u64),
+    /// An existing file or block device on the agent's host.
+    Path(PathBuf),
+}
+
+/// Disk of the default demo VM.
+pub const DEMO_DISK_BYTES: u64 = 1 << 30;
+
+/// The VM's virtual disk (shared by `vm create` and `demo`).
+#[derive(Clone, Debug, Args)]
+pub struct DiskArgs {
+    /// Give the VM a virtual disk: a SIZE (e.g. 8G; the agent creates DATA_DIR/disks/NAME.img
+    /// and deletes it with the VM) or the PATH (absolute, or containing '/': a relative one is
+    /// taken from the current directory) of an existing file or block device on the agent's
+    /// host. A PATH's WHOLE CONTENT IS OVERWRITTEN (zeroed,
+    /// then given boot content) and its size becomes the disk's; it is never deleted. 0 = no
+    /// disk. Default: none for `vm create`, 1G for `demo`.
+    #[arg(long, value_parser = parse_disk_arg, value_name = "SIZE|PATH", help_heading = "Disk")]
+    pub disk: Option<DiskArg>,
+    /// Bytes the vCPUs write to the disk per second, in total (64 KiB writes), e.g. 20MB/s;
+    /// 0 = none, "max" = unpaced.
+    #[arg(long, default_value = "20MB/s", value_parser = parse_rate, value_name = "RATE", help_heading = "Disk")]
+    pub disk_write_rate: u64,
+    /// Which parts of the disk the vCPUs write: random, sequential or hotset.
+    #[arg(
+        long,
+        default_value = "random",
+        value_name = "PATTERN",
+        help_heading = "Disk"
+    )]
+    pub disk_pattern: DiskPattern,
+    /// Share of the disk (in 1 MiB extents) given content at boot; the rest reads as zero.
+    #[arg(long, default_value = "25", value_parser = parse_percent, value_name = "PERCENT", help_heading = "Disk")]
+    pub disk_fill: u8,
+    /// O_DIRECT for the disk image: required (fail if the filesystem refuses it), auto
+    /// (fall back to buffered I/O) or off. For `demo`, also the destination's image.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "MODE",
+        help_heading = "Disk"
+    )]
+    pub direct_io: DirectIo,
+}
+
+impl DiskArgs {
+    /// The disk of the spec and where its image comes from; `default` stands in for a
+    /// missing `--disk`. A PATH's disk has size 0 here: the agent takes the file's size.
+    pub fn resolve(&self, default: &DiskArg) -> (Option<DiskSpec>, DiskPlacement) {
+        let spec = |bytes| DiskSpec {
+            bytes,
+            write_rate_bytes_per_s: self.disk_write_rate,
+            pattern: self.disk_pattern,
+            fill_percent: self.disk_fill,
+        };
+        let placement = |path| DiskPlacement {
+            path,
+            direct_io: self.direct_io,
+        };
+        match self.disk.as_ref().unwrap_or(default) {
+            DiskArg::None => (None, placement(None)),
+            DiskArg::Size(bytes) => (Some(spec(*bytes)), placement(None)),
+            DiskArg::Path(path) => (Some(spec(0)), placement(Some(path.clone()))),
+        }
+    }
+
+    /// `spec` with this disk (`default` when `--disk` was not given).
+    pub fn apply(&self, mut spec: VmSpec, default: &DiskArg) -> (VmSpec, DiskPlacement) {
+        let (disk, placement) = self.resolve(default);
+        spec.disk = disk;
+        (spec, placement)
+    }
+}
+
+/// A short description of a VM's disk for messages: `8.00 GiB` or the path.
+pub fn describe_disk(spec: &VmSpec, placement: &DiskPlacement) -> Option<String> {
+    let disk = spec.disk.as_ref()?;
+    Some(match &placement.path {
+        Some(path) => path.display().to_string(),
+        None => format_bytes(disk.bytes),
+    })
 }
 
 /// How to migrate (shared by `migrate` and `demo`); defaults are the engine's.
@@ -158,9 +263,19 @@ pub struct MigrationArgs {
     /// Bound on the switch-over (quiesce to resume), in ms.
     #[arg(long, default_value_t = MigrationParams::default().switchover_timeout_ms)]
     pub switchover_timeout_ms: u64,
+    /// Disk bulk-copy chunk, e.g. 1M (128K..=8M, a multiple of 4K).
+    #[arg(long, default_value = "1M", value_parser = parse_chunk_size, value_name = "SIZE")]
+    pub chunk_size: u32,
+    /// io_uring queue depth of the disk bulk copy (reads on the source, writes on the
+    /// destination).
+    #[arg(long, default_value_t = MigrationParams::default().disk_queue_depth,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(QUEUE_DEPTH_MAX)), value_name = "N")]
+    pub queue_depth: u32,
 }
 
 impl MigrationArgs {
+    /// The parameters these flags set; the rest (direct I/O of the destination's image,
+    /// paused start, keeping the source's disks) at their defaults.
     pub fn params(&self) -> MigrationParams {
         MigrationParams {
             streams: self.streams,
@@ -169,6 +284,9 @@ impl MigrationArgs {
             precopy_timeout_ms: self.precopy_timeout_ms,
             bandwidth_max_bytes_per_s: self.max_bandwidth,
             switchover_timeout_ms: self.switchover_timeout_ms,
+            disk_chunk_bytes: self.chunk_size,
+            disk_queue_depth: self.queue_depth,
+            ..MigrationParams::default()
         }
     }
 }
@@ -182,6 +300,27 @@ pub struct MigrateArgs {
     pub to: String,
     #[command(flatten)]
     pub migration: MigrationArgs,
+    /// O_DIRECT for the disk image the destination creates: required, auto or off.
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    pub direct_io: DirectIo,
+    /// The destination takes the VM over but leaves it paused until `ferry vm resume`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Keep the source's disk image after the hand-over (by default the source deletes an
+    /// image its agent created; a user-supplied path is never deleted).
+    #[arg(long)]
+    pub keep_source_disks: bool,
+}
+
+impl MigrateArgs {
+    pub fn params(&self) -> MigrationParams {
+        MigrationParams {
+            direct_io: self.direct_io,
+            start_paused: self.paused,
+            keep_source_disks: self.keep_source_disks,
+            ..self.migration.params()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -192,7 +331,25 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
+    pub disk: DiskArgs,
+    #[command(flatten)]
     pub migration: MigrationArgs,
+}
+
+impl DemoArgs {
+    /// The demo VM: a 1 GiB disk unless `--disk` says otherwise.
+    pub fn spec(&self) -> (VmSpec, DiskPlacement) {
+        self.disk
+            .apply(self.vm.spec(&self.name), &DiskArg::Size(DEMO_DISK_BYTES))
+    }
+
+    /// The migration: `--direct-io` applies to the destination's image too.
+    pub fn params(&self) -> MigrationParams {
+        MigrationParams {
+            direct_io: self.disk.direct_io,
+            ..self.migration.params()
+        }
+    }
 }
 
 fn parse_bytes(input: &str) -> Result<u64, String> {
@@ -204,6 +361,54 @@ fn parse_rate(input: &str) -> Result<u64, String> {
         "max" | "unpaced" => Ok(u64::MAX),
         other => parse_bytes(other),
     }
+}
+
+/// `--disk`: a path when absolute or containing '/', else a size (0 = no disk). A relative
+/// path is taken from the CLI's current directory (the agent's host must see the same path).
+fn parse_disk_arg(input: &str) -> Result<DiskArg, String> {
+    let input = input.trim();
+    if input.is_empty() {
+        return Err("expected a size such as 8G, or the path of a file or block device".into());
+    }
+    if input.contains('/') {
+        let path = Path::new(input);
+        let path = std::path::absolute(path)
+            .map_err(|e| format!("cannot make {input:?} an absolute path: {e}"))?;
+        return Ok(DiskArg::Path(path));
+    }
+    match parse_size(input) {
+        Ok(0) => Ok(DiskArg::None),
+        Ok(bytes) => Ok(DiskArg::Size(bytes)),
+        Err(_) => Err(format!(
+            "{input:?} is neither a size (such as 8G) nor a path (absolute, or containing '/', such as ./disk.img)"
+        )),
+    }
+}
+
+/// A percentage, with or without `%`.
+fn parse_percent(input: &str) -> Result<u8, String> {
+    let digits = input.trim().trim_end_matches('%').trim();
+    match digits.parse::<u8>() {
+        Ok(percent) if percent <= 100 => Ok(percent),
+        _ => Err(format!("{input:?} is not a percentage in 0..=100")),
+    }
+}
+
+/// `--chunk-size`: checked here as the engine checks it, so a typo fails before any
+/// connection.
+fn parse_chunk_size(input: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(input)?;
+    let min = u64::from(DISK_CHUNK_BYTES_MIN);
+    let max = CHUNK_BYTES_MAX as u64;
+    if !(min..=max).contains(&bytes) || !bytes.is_multiple_of(4096) {
+        return Err(format!(
+            "the chunk size must be a multiple of 4K in {}..={}, not {}",
+            format_bytes(min),
+            format_bytes(max),
+            format_bytes(bytes)
+        ));
+    }
+    Ok(bytes as u32)
 }
 
 #[cfg(test)]
@@ -255,6 +460,7 @@ mod tests {
                 pattern: Pattern::Hotset,
                 seed: 9,
                 fill_percent: 50,
+                disk: None,
             }
         );
     }
@@ -281,7 +487,7 @@ mod tests {
             panic!()
         };
         assert_eq!(demo.vm.spec("a").memory_bytes, 1 << 30);
-        assert_eq!(demo.migration.params(), MigrationParams::default());
+        assert_eq!(demo.params(), MigrationParams::default());
     }
 
     #[test]
@@ -290,6 +496,44 @@ mod tests {
             &["vm", "create", "a", "--memory", "lots"][..],
             &["vm", "create", "a", "--pattern", "zigzag"],
             &["vm", "create", "a", "--fill-percent", "101"],
+            &["vm", "create", "a", "--disk", "lots"],
+            &["vm", "create", "a", "--disk", ""],
+            &[
+                "vm",
+                "create",
+                "a",
+                "--disk",
+                "8G",
+                "--disk-pattern",
+                "zigzag",
+            ],
+            &["vm", "create", "a", "--disk", "8G", "--disk-fill", "101"],
+            &[
+                "vm",
+                "create",
+                "a",
+                "--disk",
+                "8G",
+                "--disk-write-rate",
+                "fast",
+            ],
+            &[
+                "vm",
+                "create",
+                "a",
+                "--disk",
+                "8G",
+                "--direct-io",
+                "sometimes",
+            ],
+            &["migrate", "a", "--to", "x:1", "--chunk-size", "64K"],
+            &["migrate", "a", "--to", "x:1", "--chunk-size", "16M"],
+            &["migrate", "a", "--to", "x:1", "--chunk-size", "130K"],
+            &["migrate", "a", "--to", "x:1", "--queue-depth", "0"],
+            &["migrate", "a", "--to", "x:1", "--queue-depth", "257"],
+            &["migrate", "a", "--to", "x:1", "--direct-io", "yes"],
+            &["vm", "pause"],
+            &["vm", "resume"],
             &["migrate", "a"],
             &["migrate", "a", "--to", "x:1", "--max-bandwidth", "fast"],
             &["vm", "status"],
@@ -337,8 +581,247 @@ mod tests {
                 precopy_timeout_ms: 1000,
                 bandwidth_max_bytes_per_s: Some(1 << 30),
                 switchover_timeout_ms: 500,
+                ..MigrationParams::default()
             }
         );
+    }
+
+    #[test]
+    fn migrate_disk_flags_become_params() {
+        let cli = parse(&[
+            "migrate",
+            "a",
+            "--to",
+            "h:7071",
+            "--chunk-size",
+            "4M",
+            "--queue-depth",
+            "32",
+            "--direct-io",
+            "required",
+            "--paused",
+            "--keep-source-disks",
+        ]);
+        let Command::Migrate(args) = cli.command else {
+            panic!()
+        };
+        let params = args.params();
+        assert_eq!(
+            params,
+            MigrationParams {
+                disk_chunk_bytes: 4 << 20,
+                disk_queue_depth: 32,
+                direct_io: DirectIo::Required,
+                start_paused: true,
+                keep_source_disks: true,
+                ..MigrationParams::default()
+            }
+        );
+        params.validate().unwrap();
+        // Defaults: the engine's, and the bounds of the chunk size are the engine's.
+        let Command::Migrate(args) = parse(&["migrate", "a", "--to", "h:1"]).command else {
+            panic!()
+        };
+        assert_eq!(args.params(), MigrationParams::default());
+        for (input, bytes) in [("128K", 128 << 10), ("8M", 8 << 20), ("1M", 1 << 20)] {
+            assert_eq!(parse_chunk_size(input), Ok(bytes), "{input}");
+            MigrationParams {
+                disk_chunk_bytes: bytes,
+                ..MigrationParams::default()
+            }
+            .validate()
+            .unwrap();
+        }
+        let err = parse_chunk_size("9M").unwrap_err();
+        assert!(err.contains("128 KiB") && err.contains("8.00 MiB"), "{err}");
+    }
+
+    #[test]
+    fn disk_sizes_paths_and_none() {
+        assert_eq!(parse_disk_arg("8G"), Ok(DiskArg::Size(8 << 30)));
+        assert_eq!(parse_disk_arg("64M"), Ok(DiskArg::Size(64 << 20)));
+        assert_eq!(parse_disk_arg(" 1GiB "), Ok(DiskArg::Size(1 << 30)));
+        assert_eq!(parse_disk_arg("0"), Ok(DiskArg::None));
+        assert_eq!(
+            parse_disk_arg("/dev/vdb"),
+            Ok(DiskArg::Path("/dev/vdb".into()))
+        );
+        assert_eq!(
+            parse_disk_arg("/var/lib/x.img"),
+            Ok(DiskArg::Path("/var/lib/x.img".into()))
+        );
+        // Relative paths (they contain '/') are taken from the current directory.
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            parse_disk_arg("./disk.img"),
+            Ok(DiskArg::Path(cwd.join("disk.img")))
+        );
+        assert_eq!(
+            parse_disk_arg("images/8G"),
+            Ok(DiskArg::Path(cwd.join("images/8G")))
+        );
+        // A bare file name is not a path: it would be too easy to mistype a size.
+        let err = parse_disk_arg("disk.img").unwrap_err();
+        assert!(
+            err.contains("neither a size") && err.contains("path"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn disk_patterns_percentages_and_direct_io_modes() {
+        for (input, pattern) in [
+            ("random", DiskPattern::Random),
+            ("sequential", DiskPattern::Sequential),
+            ("hotset", DiskPattern::Hotset),
+        ] {
+            let cli = parse(&["vm", "create", "a", "--disk", "1G", "--disk-pattern", input]);
+            let Command::Vm(VmCommand::Create(args)) = cli.command else {
+                panic!()
+            };
+            assert_eq!(args.disk.disk_pattern, pattern);
+        }
+        for (input, mode) in [
+            ("required", DirectIo::Required),
+            ("auto", DirectIo::Auto),
+            ("off", DirectIo::Off),
+        ] {
+            let cli = parse(&["vm", "create", "a", "--disk", "1G", "--direct-io", input]);
+            let Command::Vm(VmCommand::Create(args)) = cli.command else {
+                panic!()
+            };
+            assert_eq!(args.disk.resolve(&DiskArg::None).1.direct_io, mode);
+        }
+        assert_eq!(parse_percent("25"), Ok(25));
+        assert_eq!(parse_percent("100%"), Ok(100));
+        assert_eq!(parse_percent("0"), Ok(0));
+        assert!(parse_percent("101").is_err());
+        assert!(parse_percent("-1").is_err());
+    }
+
+    #[test]
+    fn vm_create_with_a_disk() {
+        let cli = parse(&[
+            "vm",
+            "create",
+            "web",
+            "--memory",
+            "256M",
+            "--disk",
+            "8G",
+            "--disk-write-rate",
+            "50MB/s",
+            "--disk-pattern",
+            "hotset",
+            "--disk-fill",
+            "10",
+            "--direct-io",
+            "required",
+        ]);
+        let Command::Vm(VmCommand::Create(args)) = cli.command else {
+            panic!()
+        };
+        let (spec, placement) = args.disk.apply(args.vm.spec(&args.name), &DiskArg::None);
+        assert_eq!(
+            spec.disk,
+            Some(DiskSpec {
+                bytes: 8 << 30,
+                write_rate_bytes_per_s: 50 << 20,
+                pattern: DiskPattern::Hotset,
+                fill_percent: 10,
+            })
+        );
+        assert_eq!(
+            placement,
+            DiskPlacement {
+                path: None,
+                direct_io: DirectIo::Required
+            }
+        );
+        spec.validate().unwrap();
+        assert_eq!(
+            describe_disk(&spec, &placement).as_deref(),
+            Some("8.00 GiB")
+        );
+
+        // Defaults: 20 MB/s random, 25 % filled, direct I/O auto.
+        let cli = parse(&["vm", "create", "b", "--disk", "/dev/vdb"]);
+        let Command::Vm(VmCommand::Create(args)) = cli.command else {
+            panic!()
+        };
+        let (spec, placement) = args.disk.apply(args.vm.spec("b"), &DiskArg::None);
+        assert_eq!(
+            spec.disk,
+            Some(DiskSpec {
+                bytes: 0,
+                write_rate_bytes_per_s: 20 << 20,
+                pattern: DiskPattern::Random,
+                fill_percent: 25,
+            }),
+            "the agent takes a path's size"
+        );
+        assert_eq!(placement.path, Some(PathBuf::from("/dev/vdb")));
+        assert_eq!(placement.direct_io, DirectIo::Auto);
+        assert_eq!(
+            describe_disk(&spec, &placement).as_deref(),
+            Some("/dev/vdb")
+        );
+    }
+
+    #[test]
+    fn the_demo_has_a_1g_disk_unless_told_otherwise() {
+        let Command::Demo(demo) = parse(&["demo"]).command else {
+            panic!()
+        };
+        let (spec, placement) = demo.spec();
+        let disk = spec.disk.clone().unwrap();
+        assert_eq!(
+            (disk.bytes, disk.write_rate_bytes_per_s, disk.pattern),
+            (1 << 30, 20 << 20, DiskPattern::Random)
+        );
+        assert_eq!(placement, DiskPlacement::default());
+        spec.validate().unwrap();
+        let Command::Demo(demo) = parse(&["demo", "--disk", "0"]).command else {
+            panic!()
+        };
+        assert_eq!(demo.spec().0.disk, None);
+        let Command::Demo(demo) = parse(&[
+            "demo",
+            "--disk",
+            "256M",
+            "--direct-io",
+            "off",
+            "--chunk-size",
+            "512K",
+            "--queue-depth",
+            "4",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(demo.spec().0.disk.unwrap().bytes, 256 << 20);
+        let params = demo.params();
+        assert_eq!(
+            (
+                params.direct_io,
+                params.disk_chunk_bytes,
+                params.disk_queue_depth
+            ),
+            (DirectIo::Off, 512 << 10, 4)
+        );
+    }
+
+    #[test]
+    fn pause_and_resume_name_a_vm() {
+        let Command::Vm(VmCommand::Pause { name }) = parse(&["vm", "pause", "x"]).command else {
+            panic!()
+        };
+        assert_eq!(name, "x");
+        let Command::Vm(VmCommand::Resume { name }) = parse(&["vm", "resume", "y"]).command else {
+            panic!()
+        };
+        assert_eq!(name, "y");
     }
 
     #[test]

@@ -8,13 +8,14 @@ use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
 use ferry_dataplane::guest::reference::{VerifyReport, VmSpec};
 use ferry_dataplane::wire::{read_message, write_message, WireError};
 
-use crate::api::{ErrorKind, Request, Response, VmInfo, API_MESSAGE_LEN_MAX};
+use crate::api::{DiskPlacement, ErrorKind, Request, Response, VmInfo, API_MESSAGE_LEN_MAX};
 use crate::peer::Opening;
 
 /// Connecting to the agent, per address the name resolves to.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest silence accepted from the agent. A verify of the largest VM replays all of its
-/// memory; a migration sends progress several times a second.
+/// memory and reads its whole disk, as a create with a disk writes the disk's boot content;
+/// a migration sends progress several times a second.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +113,8 @@ impl Client {
         self.read(&mut stream)
     }
 
-    pub fn vm_create(&self, spec: VmSpec) -> Result<VmInfo, ClientError> {
-        match self.call(Request::VmCreate { spec })? {
+    pub fn vm_create(&self, spec: VmSpec, disk: DiskPlacement) -> Result<VmInfo, ClientError> {
+        match self.call(Request::VmCreate { spec, disk })? {
             Response::Created { vm } => Ok(vm),
             other => Err(self.unexpected(&other, "Created")),
         }
@@ -144,6 +145,22 @@ impl Client {
         match self.call(Request::VmDestroy { name: name.into() })? {
             Response::Destroyed { .. } => Ok(()),
             other => Err(self.unexpected(&other, "Destroyed")),
+        }
+    }
+
+    /// Stops the VM's vCPUs; returns the VM as it is then.
+    pub fn vm_pause(&self, name: &str) -> Result<VmInfo, ClientError> {
+        match self.call(Request::VmPause { name: name.into() })? {
+            Response::Vm { vm } => Ok(vm),
+            other => Err(self.unexpected(&other, "Vm")),
+        }
+    }
+
+    /// Lets the VM's vCPUs run again; returns the VM as it is then.
+    pub fn vm_resume(&self, name: &str) -> Result<VmInfo, ClientError> {
+        match self.call(Request::VmResume { name: name.into() })? {
+            Response::Vm { vm } => Ok(vm),
+            other => Err(self.unexpected(&other, "Vm")),
         }
     }
 

@@ -4,14 +4,14 @@
 //! 2 bad usage (clap), 130 interrupted by Ctrl-C.
 
 use anyhow::Context;
-use ferry_dataplane::engine::{MigrationReport, Progress};
+use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
 use ferry_dataplane::guest::reference::VerifyReport;
 use ferry_dataplane::units::format_bytes;
 use serde::Serialize;
 
 use crate::agent::{self, AgentConfig};
 use crate::api::ErrorKind;
-use crate::cli::{Cli, Command, MigrateArgs, VmCommand};
+use crate::cli::{describe_disk, Cli, Command, DiskArg, MigrateArgs, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::output::{print_json, render_verify, render_vm_detail, render_vm_table};
 use crate::progress::{render_report, with_spinner, ProgressView};
@@ -108,13 +108,20 @@ pub fn report_error(err: &anyhow::Error, mode: OutputMode) {
 fn vm(client: &Client, command: VmCommand, mode: OutputMode) -> anyhow::Result<i32> {
     match command {
         VmCommand::Create(args) => {
-            let spec = args.vm.spec(&args.name);
-            let what = format!(
-                "booting {} ({})",
-                args.name,
-                format_bytes(spec.memory_bytes)
-            );
-            let vm = with_spinner(&what, mode.json, || client.vm_create(spec))?;
+            let (spec, placement) = args.disk.apply(args.vm.spec(&args.name), &DiskArg::None);
+            let what = match describe_disk(&spec, &placement) {
+                Some(disk) => format!(
+                    "booting {} ({}, disk {disk}: writing its boot content)",
+                    args.name,
+                    format_bytes(spec.memory_bytes)
+                ),
+                None => format!(
+                    "booting {} ({})",
+                    args.name,
+                    format_bytes(spec.memory_bytes)
+                ),
+            };
+            let vm = with_spinner(&what, mode.json, || client.vm_create(spec, placement))?;
             if mode.json {
                 print_json(&vm);
             } else {
@@ -158,6 +165,22 @@ fn vm(client: &Client, command: VmCommand, mode: OutputMode) -> anyhow::Result<i
                 println!("destroyed {name}");
             }
         }
+        VmCommand::Pause { name } => {
+            let vm = client.vm_pause(&name)?;
+            if mode.json {
+                print_json(&vm);
+            } else {
+                println!("paused {name} (`ferry vm resume {name}` lets it run again)");
+            }
+        }
+        VmCommand::Resume { name } => {
+            let vm = client.vm_resume(&name)?;
+            if mode.json {
+                print_json(&vm);
+            } else {
+                println!("resumed {name}");
+            }
+        }
     }
     Ok(EXIT_OK)
 }
@@ -180,7 +203,7 @@ pub fn follow_migration(
     client: &Client,
     name: &str,
     to: &str,
-    args: &crate::cli::MigrationArgs,
+    params: MigrationParams,
     mode: OutputMode,
 ) -> anyhow::Result<MigrationReport> {
     sigint::install(&[libc::SIGINT, libc::SIGTERM]).context("installing the Ctrl-C handler")?;
@@ -201,7 +224,7 @@ pub fn follow_migration(
         }
     })
     .context("starting the Ctrl-C watcher")?;
-    let result = client.migrate(name, to, args.params(), &mut |progress| {
+    let result = client.migrate(name, to, params, &mut |progress| {
         if mode.progress_json {
             print_json(&ProgressLine {
                 event: "progress",
@@ -220,7 +243,7 @@ pub fn follow_migration(
 }
 
 fn migrate(client: &Client, args: &MigrateArgs, mode: OutputMode) -> anyhow::Result<i32> {
-    let report = follow_migration(client, &args.name, &args.to, &args.migration, mode)?;
+    let report = follow_migration(client, &args.name, &args.to, args.params(), mode)?;
     if mode.json {
         print_json(&MigratedJson {
             vm: &args.name,
@@ -229,6 +252,12 @@ fn migrate(client: &Client, args: &MigrateArgs, mode: OutputMode) -> anyhow::Res
         });
     } else {
         print!("{}", render_report(&args.name, &args.to, &report));
+        if args.paused {
+            println!(
+                "{} is paused on {}: `ferry --agent {} vm resume {}` lets it run",
+                args.name, args.to, args.to, args.name
+            );
+        }
     }
     Ok(EXIT_OK)
 }

@@ -1,5 +1,6 @@
-//! `ferry demo`: two agents on loopback (child processes of this binary), a busy VM on the
-//! first, migrated live to the second, verified there, and the report.
+//! `ferry demo`: two agents on loopback (child processes of this binary), a busy VM (with a
+//! 1 GiB disk unless `--disk 0`) on the first, migrated live to the second, verified there
+//! (memory and disk), and the report.
 //!
 //! The agents never outlive the demo: each is asked to shut down and killed if it does not
 //! go within a few seconds, on success, failure or Ctrl-C alike; they run in their own
@@ -21,11 +22,11 @@ use ferry_dataplane::engine::MigrationReport;
 use ferry_dataplane::units::format_bytes;
 use serde::Serialize;
 
-use crate::cli::DemoArgs;
+use crate::cli::{describe_disk, DemoArgs};
 use crate::client::Client;
 use crate::commands::{follow_migration, OutputMode, EXIT_FAILED, EXIT_OK};
 use crate::output::{format_dirty_rate, print_json, render_verify};
-use crate::progress::render_report;
+use crate::progress::{render_report, with_spinner};
 use crate::sigint;
 
 /// An agent must print its address within this time.
@@ -51,9 +52,15 @@ struct DemoJson<'a> {
     verified: bool,
     pages_checked: u64,
     mismatched_pages: u64,
+    /// Disk bytes read and checked on the destination (0 without a disk).
+    disk_bytes_checked: u64,
+    mismatched_disk_blocks: u64,
     /// Total vCPU steps on the destination, `STEPS_GAP` apart: the VM runs there.
     steps_before: u64,
     steps_after: u64,
+    /// Disk writes on the destination, `STEPS_GAP` apart (0 without a disk).
+    disk_steps_before: u64,
+    disk_steps_after: u64,
     /// The source agent no longer hosts the VM.
     source_released: bool,
     source_agent: &'a str,
@@ -296,16 +303,22 @@ fn demo(
 ) -> anyhow::Result<i32> {
     let human = !mode.json;
     let name = args.name.as_str();
-    let spec = args.vm.spec(name);
+    let (spec, placement) = args.spec();
     let (source, destination) = (a.client(), b.client());
     if human {
         println!("ferry demo: two agents on loopback");
         println!("  agent A  {}  (source)", a.addr);
         println!("  agent B  {}  (destination)", b.addr);
     }
-    source
-        .vm_create(spec.clone())
-        .with_context(|| format!("creating {name} on agent A"))?;
+    let disk = describe_disk(&spec, &placement);
+    let what = match &disk {
+        Some(disk) => format!("booting {name} on A (disk {disk}: writing its boot content)"),
+        None => format!("booting {name} on A"),
+    };
+    with_spinner(&what, !human, || {
+        source.vm_create(spec.clone(), placement.clone())
+    })
+    .with_context(|| format!("creating {name} on agent A"))?;
     if human {
         println!(
             "created {name} on A: {}, {} vCPUs, {} {}, seed {}",
@@ -315,12 +328,22 @@ fn demo(
             spec.pattern,
             spec.seed
         );
+        if let (Some(disk), Some(disk_spec)) = (&disk, &spec.disk) {
+            let writes = match disk_spec.write_rate_bytes_per_s {
+                0 => "no writes".to_string(),
+                rate => format!("{} {} writes", format_dirty_rate(rate), disk_spec.pattern),
+            };
+            println!(
+                "  disk {disk}: {writes}, {}% filled at boot, direct I/O {}",
+                disk_spec.fill_percent, placement.direct_io
+            );
+        }
     }
     std::thread::sleep(WARM_UP);
     check_interrupted()?;
 
     // The watcher in follow_migration turns Ctrl-C into a Cancel to agent A.
-    let report = follow_migration(&source, name, &b.addr, &args.migration, mode)
+    let report = follow_migration(&source, name, &b.addr, args.params(), mode)
         .with_context(|| format!("migrating {name} from A to B"))?;
     if human {
         print!("{}", render_report(name, &b.addr, &report));
@@ -342,6 +365,14 @@ fn demo(
         .with_context(|| format!("status of {name} on agent B"))?;
     let steps_increase = after.total_steps > before.total_steps;
     let idle = spec.dirty_rate_bytes_per_s == 0;
+    let disk_steps = |vm: &crate::api::VmInfo| vm.disk.as_ref().map_or(0, |d| d.total_steps);
+    let (disk_before, disk_after) = (disk_steps(&before), disk_steps(&after));
+    // Without a disk, or with a disk nobody writes, there is nothing to see advance.
+    let disk_idle = spec
+        .disk
+        .as_ref()
+        .is_none_or(|d| d.write_rate_bytes_per_s == 0);
+    let disk_writing = disk_after > disk_before;
     let source_released = !source
         .vm_list()
         .context("listing agent A's VMs")?
@@ -361,6 +392,19 @@ fn demo(
             after.total_steps,
             STEPS_GAP.as_millis()
         );
+        if spec.disk.is_some() {
+            println!(
+                "on B: {name}'s disk {} (disk writes {disk_before} → {disk_after} in {} ms)",
+                if disk_writing {
+                    "keeps being written"
+                } else if disk_idle {
+                    "is idle"
+                } else {
+                    "is NOT being written"
+                },
+                STEPS_GAP.as_millis()
+            );
+        }
         println!(
             "on A: {name} {}",
             if source_released {
@@ -370,8 +414,10 @@ fn demo(
             }
         );
     }
-    // An idle VM (dirty rate 0) takes no steps; its liveness cannot be shown this way.
-    let passed = verify.ok && (steps_increase || idle) && source_released;
+    // An idle VM (dirty rate 0) takes no steps; its liveness cannot be shown this way (nor
+    // a disk's, without disk writes).
+    let passed =
+        verify.ok && (steps_increase || idle) && (disk_writing || disk_idle) && source_released;
     if mode.json {
         print_json(&DemoJson {
             vm: name,
@@ -379,8 +425,12 @@ fn demo(
             verified: verify.ok,
             pages_checked: verify.pages_checked,
             mismatched_pages: verify.mismatched_pages,
+            disk_bytes_checked: verify.disk_bytes_checked,
+            mismatched_disk_blocks: verify.mismatched_disk_blocks,
             steps_before: before.total_steps,
             steps_after: after.total_steps,
+            disk_steps_before: disk_before,
+            disk_steps_after: disk_after,
             source_released,
             source_agent: &a.addr,
             destination_agent: &b.addr,

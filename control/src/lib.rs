@@ -3,8 +3,9 @@
 //!
 //! - [`api`]: CLI ↔ agent requests and responses; [`peer`]: what opens a connection and the
 //!   agent ↔ agent migration handshake.
-//! - [`agent`]: the service; [`registry`]: the VMs it hosts; [`migration`]: one migration's
-//!   coordination on either side, around the data plane's engine.
+//! - [`agent`]: the service; [`registry`]: the VMs it hosts; [`disks`]: their disk images
+//!   and who owns them; [`migration`]: one migration's coordination on either side, around
+//!   the data plane's engine.
 //! - [`client`]: the CLI's side of the API; [`cli`]: flags; [`commands`]: running them;
 //!   [`progress`] and [`output`]: what people (or scripts, with `--json`) see; [`demo`]:
 //!   two agents and a migration in one command; [`sigint`]: Ctrl-C as a polled flag.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod demo;
+pub mod disks;
 pub mod migration;
 pub mod output;
 pub mod peer;

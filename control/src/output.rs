@@ -3,11 +3,12 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 
+use ferry_dataplane::disk::LatencySummary;
 use ferry_dataplane::guest::reference::VerifyReport;
 use ferry_dataplane::units::{format_bytes, format_rate};
 use serde::Serialize;
 
-use crate::api::VmInfo;
+use crate::api::{DiskInfo, VmInfo};
 
 /// `1.23 s`, `12.5 ms`, `0.42 ms`.
 pub fn format_ms(ms: f64) -> String {
@@ -20,6 +21,27 @@ pub fn format_ms(ms: f64) -> String {
     } else {
         format!("{ms:.2} ms")
     }
+}
+
+/// `85 µs`, `1.20 ms`.
+pub fn format_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format_ms(us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// A latency summary as `p50 / p99`, or `-` when nothing was measured.
+pub fn format_latency(summary: &LatencySummary) -> String {
+    if summary.count == 0 {
+        return "-".into();
+    }
+    format!(
+        "{} / {}",
+        format_us(summary.p50_us),
+        format_us(summary.p99_us)
+    )
 }
 
 /// A dirty rate, with its two special values named.
@@ -44,19 +66,22 @@ pub fn render_vm_table(vms: &[VmInfo]) -> String {
         return "no VMs\n".into();
     }
     let mut out = format!(
-        "{:<20} {:<10} {:>10} {:>5} {:<8} {:>14} {:<7} {:>12}\n",
-        "NAME", "STATE", "MEMORY", "VCPUS", "PATTERN", "DIRTY RATE", "RUNNING", "STEPS"
+        "{:<20} {:<10} {:>10} {:>5} {:<8} {:>14} {:>10} {:<7} {:>12}\n",
+        "NAME", "STATE", "MEMORY", "VCPUS", "PATTERN", "DIRTY RATE", "DISK", "RUNNING", "STEPS"
     );
     for vm in vms {
         let _ = writeln!(
             out,
-            "{:<20} {:<10} {:>10} {:>5} {:<8} {:>14} {:<7} {:>12}",
+            "{:<20} {:<10} {:>10} {:>5} {:<8} {:>14} {:>10} {:<7} {:>12}",
             vm.name,
             vm.state.as_str(),
             format_bytes(vm.memory_bytes),
             vm.vcpus,
             vm.pattern.as_str(),
             format_dirty_rate(vm.dirty_rate_bytes_per_s),
+            vm.disk
+                .as_ref()
+                .map_or_else(|| "-".into(), |d| format_bytes(d.bytes)),
             if vm.running { "yes" } else { "no" },
             vm.total_steps
         );
@@ -110,7 +135,71 @@ pub fn render_vm_detail(vm: &VmInfo) -> String {
     for (label, value) in rows {
         let _ = writeln!(out, "{label:<12} {value}");
     }
+    if let Some(disk) = &vm.disk {
+        for (label, value) in disk_rows(disk) {
+            let _ = writeln!(out, "{label:<12} {value}");
+        }
+    }
     out
+}
+
+/// `vm status`'s disk lines.
+fn disk_rows(disk: &DiskInfo) -> [(&'static str, String); 4] {
+    let kind = if disk.block_device {
+        "block device"
+    } else {
+        "file"
+    };
+    let owner = if disk.agent_owned {
+        "the agent's: deleted with the VM"
+    } else {
+        "user-supplied: never deleted"
+    };
+    let writes = match disk.write_rate_bytes_per_s {
+        0 => "no guest writes".to_string(),
+        rate => format!("{} of {} writes", format_dirty_rate(rate), disk.pattern),
+    };
+    let per_vcpu = disk
+        .steps
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    [
+        (
+            "disk",
+            format!(
+                "{} ({} bytes), {kind} {} ({owner})",
+                format_bytes(disk.bytes),
+                disk.bytes,
+                disk.path.display()
+            ),
+        ),
+        (
+            "disk i/o",
+            format!(
+                "direct I/O {}; {writes}, {}% filled at boot",
+                if disk.direct_io {
+                    "yes"
+                } else {
+                    "no (buffered)"
+                },
+                disk.fill_percent
+            ),
+        ),
+        (
+            "disk steps",
+            format!("{} ({per_vcpu} per vCPU)", disk.total_steps),
+        ),
+        (
+            "disk writes",
+            format!(
+                "{} failed; latency p50/p99 {} (while not mirrored)",
+                disk.write_errors,
+                format_latency(&disk.unmirrored_latency)
+            ),
+        ),
+    ]
 }
 
 pub fn render_verify(name: &str, report: &VerifyReport) -> String {
@@ -152,13 +241,58 @@ pub fn render_verify(name: &str, report: &VerifyReport) -> String {
             r.vcpu, r.steps, r.found_rng, r.expected_rng
         );
     }
+    if report.disk_bytes_checked > 0 || report.mismatched_disk_blocks > 0 {
+        render_disk_verify(&mut out, report);
+    }
     out
+}
+
+/// The disk part of a verify report: bytes checked, mismatched blocks with the byte offset
+/// of their first differing byte, and disk lanes whose registers differ.
+fn render_disk_verify(out: &mut String, report: &VerifyReport) {
+    let _ = writeln!(
+        out,
+        "  disk: {} checked ({} bytes), {} mismatched blocks; disk writes per vCPU {:?}",
+        format_bytes(report.disk_bytes_checked),
+        report.disk_bytes_checked,
+        report.mismatched_disk_blocks,
+        report.disk_steps
+    );
+    if !report.first_disk_mismatches.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:>10}  {:>18}  {:>8}  {:>5}",
+            "BLOCK", "OFFSET", "EXPECTED", "FOUND"
+        );
+        for m in &report.first_disk_mismatches {
+            let _ = writeln!(
+                out,
+                "  {:>10}  {:#018x}  {:>#8x}  {:>#5x}",
+                m.block, m.offset, m.expected, m.found
+            );
+        }
+        let listed = report.first_disk_mismatches.len() as u64;
+        if report.mismatched_disk_blocks > listed {
+            let _ = writeln!(
+                out,
+                "  … and {} more disk blocks",
+                report.mismatched_disk_blocks - listed
+            );
+        }
+    }
+    for r in &report.disk_register_mismatches {
+        let _ = writeln!(
+            out,
+            "  disk lane of vCPU {} at write {}: registers {:x?}, replay expects {:x?}",
+            r.vcpu, r.steps, r.found_rng, r.expected_rng
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_dataplane::guest::reference::Mismatch;
+    use ferry_dataplane::guest::reference::{DiskMismatch, Mismatch};
 
     #[test]
     fn milliseconds_read_well() {
@@ -184,6 +318,11 @@ mod tests {
             }],
             register_mismatches: vec![],
             steps: vec![1],
+            disk_bytes_checked: 0,
+            mismatched_disk_blocks: 0,
+            first_disk_mismatches: vec![],
+            disk_register_mismatches: vec![],
+            disk_steps: vec![],
             elapsed_ms: 1.0,
         };
         let text = render_verify("v", &report);
@@ -191,5 +330,99 @@ mod tests {
         assert!(text.contains("0x0000000000002010"), "{text}");
         assert!(text.contains("0xab"), "{text}");
         assert!(text.contains("and 2 more"), "{text}");
+        assert!(!text.contains("disk"), "no disk, no disk line: {text}");
+    }
+
+    #[test]
+    fn a_failed_disk_verify_lists_block_and_byte_offset() {
+        let report = VerifyReport {
+            ok: false,
+            pages_checked: 10,
+            mismatched_pages: 0,
+            first_mismatches: vec![],
+            register_mismatches: vec![],
+            steps: vec![1],
+            disk_bytes_checked: 128 << 20,
+            mismatched_disk_blocks: 4,
+            first_disk_mismatches: vec![DiskMismatch {
+                block: 300,
+                offset: 300 * 4096 + 17,
+                expected: 0x5a,
+                found: 0,
+            }],
+            disk_register_mismatches: vec![],
+            disk_steps: vec![7, 9],
+            elapsed_ms: 1.0,
+        };
+        let text = render_verify("v", &report);
+        for part in [
+            "FAILED",
+            "128 MiB checked",
+            "4 mismatched blocks",
+            "BLOCK",
+            "OFFSET",
+            "300",
+            "0x000000000012c011",
+            "0x5a",
+            "and 3 more disk blocks",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn vm_status_shows_the_disk() {
+        let vm = VmInfo {
+            name: "d".into(),
+            memory_bytes: 64 << 20,
+            vcpus: 2,
+            pattern: ferry_dataplane::guest::reference::Pattern::Uniform,
+            dirty_rate_bytes_per_s: 0,
+            seed: 1,
+            fill_percent: 100,
+            state: crate::api::VmState::Running,
+            running: true,
+            total_steps: 0,
+            steps: vec![0, 0],
+            throttle_percent: 0,
+            disk: Some(DiskInfo {
+                bytes: 8 << 30,
+                path: "/var/lib/ferry/disks/d.img".into(),
+                agent_owned: true,
+                block_device: false,
+                direct_io: true,
+                pattern: ferry_dataplane::guest::reference::DiskPattern::Hotset,
+                write_rate_bytes_per_s: 20 << 20,
+                fill_percent: 25,
+                steps: vec![3, 4],
+                total_steps: 7,
+                write_errors: 0,
+                unmirrored_latency: LatencySummary {
+                    count: 7,
+                    p50_us: 85.0,
+                    p99_us: 1200.0,
+                    max_us: 1500.0,
+                },
+            }),
+        };
+        let text = render_vm_detail(&vm);
+        for part in [
+            "8.00 GiB",
+            "/var/lib/ferry/disks/d.img",
+            "direct I/O yes",
+            "20.00 MiB/s of hotset writes",
+            "25% filled",
+            "disk steps   7 (3 4 per vCPU)",
+            "0 failed",
+            "85 µs / 1.20 ms",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+        let table = render_vm_table(&[vm]);
+        assert!(
+            table.contains("DISK") && table.contains("8.00 GiB"),
+            "{table}"
+        );
+        assert_eq!(format_latency(&LatencySummary::default()), "-");
     }
 }

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! source agent                                   destination agent
-//!   connect #0: MigrateIn{session, spec, streams} ▶ ReferenceVm::incoming(spec)
+//!   connect #0: MigrateIn{session, spec, streams, …} ▶ create DATA_DIR/disks/NAME.img (with a disk),
+//!                                                      ReferenceVm::incoming_with_disk(spec, disk)
 //!              ◀ Accepted{prefault_ms} | Refused{reason}
-//!   connect #1..=N: DataStream{session, index}    ▶ routed to the pending session
+//!   connect: DataStream{session, index}  (index 0..N, then N and N+1 with a disk)
+//!                                                    ▶ routed to the pending session
 //!              ◀ Attached | Refused{reason}
-//!   ── connection #0 becomes the engines' control channel, #1..=N the data streams ──
+//!   ── connection #0 becomes the engines' control channel, data streams 0..N carry memory,
+//!      N the disk's bulk copy and N+1 its mirrored guest writes ──
 //! ```
 //!
 //! The session number ties the data connections to their control connection; it is random
@@ -18,6 +21,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ferry_dataplane::disk::DirectIo;
 use ferry_dataplane::guest::reference::VmSpec;
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +30,10 @@ use crate::api::Request;
 /// Largest opening or handshake message: a spec with a 255-byte name is far below this.
 pub const PEER_MESSAGE_LEN_MAX: u32 = 64 << 10;
 
-/// Data streams a migration may use (the engine accepts 1..=64).
+/// Memory data streams a migration may use (the engine accepts 1..=64).
 pub const STREAMS_MAX: u32 = 64;
+/// Data connections a disk adds after the memory streams: its bulk lane and its mirror lane.
+pub const DISK_LANES: u32 = 2;
 
 /// The first message on every connection to an agent says what the connection is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,8 +51,25 @@ pub enum Opening {
 pub struct MigrateIn {
     pub session: u64,
     pub spec: VmSpec,
-    /// Data connections that will follow (1..=[`STREAMS_MAX`]).
+    /// Memory data streams that will follow (1..=[`STREAMS_MAX`]); a VM with a disk
+    /// (`spec.disk`) adds [`DISK_LANES`] more (see [`MigrateIn::data_connections`]).
     pub streams: u32,
+    /// How the destination opens the disk image it creates for the VM.
+    pub direct_io: DirectIo,
+    /// The destination takes the VM over but leaves it paused until `vm resume`.
+    pub start_paused: bool,
+}
+
+impl MigrateIn {
+    /// Data connections that follow the handshake: the memory streams, then the disk lanes.
+    pub fn data_connections(&self) -> u32 {
+        data_connections(self.streams, self.spec.disk.is_some())
+    }
+}
+
+/// Data connections of a migration with `streams` memory streams, with or without a disk.
+pub fn data_connections(streams: u32, has_disk: bool) -> u32 {
+    streams + if has_disk { DISK_LANES } else { 0 }
 }
 
 /// The destination's answer to [`MigrateIn`].
@@ -94,7 +117,7 @@ pub fn new_session_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_dataplane::guest::reference::Pattern;
+    use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern};
     use ferry_dataplane::wire::message::{decode_message, encode_message};
 
     fn round_trip<T>(value: &T) -> T
@@ -115,14 +138,33 @@ mod tests {
             pattern: Pattern::Uniform,
             seed: u64::MAX,
             fill_percent: 0,
+            disk: Some(DiskSpec {
+                bytes: 16 << 40,
+                write_rate_bytes_per_s: u64::MAX,
+                pattern: DiskPattern::Hotset,
+                fill_percent: 100,
+            }),
         };
+        let incoming = MigrateIn {
+            session: 42,
+            spec: spec.clone(),
+            streams: STREAMS_MAX,
+            direct_io: DirectIo::Required,
+            start_paused: true,
+        };
+        assert_eq!(incoming.data_connections(), STREAMS_MAX + DISK_LANES);
+        let without_disk = MigrateIn {
+            spec: VmSpec {
+                disk: None,
+                ..spec.clone()
+            },
+            ..incoming.clone()
+        };
+        assert_eq!(without_disk.data_connections(), STREAMS_MAX);
         let openings = [
             Opening::Request(Request::VmList),
-            Opening::MigrateIn(MigrateIn {
-                session: 42,
-                spec,
-                streams: STREAMS_MAX,
-            }),
+            Opening::MigrateIn(incoming),
+            Opening::MigrateIn(without_disk),
             Opening::DataStream(DataStream {
                 session: u64::MAX,
                 index: 63,

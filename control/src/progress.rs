@@ -1,14 +1,16 @@
 //! A migration as a person watches it: the live progress bar and the final report.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_dataplane::engine::{MigrationReport, Phase, Progress};
+use ferry_dataplane::engine::{DiskProgress, DiskReport, MigrationReport, Phase, Progress};
 use ferry_dataplane::units::{format_bytes, format_rate};
 use ferry_dataplane::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::output::format_ms;
+use crate::output::{format_latency, format_ms};
 
 /// Redraws per second at most.
 const REDRAW_HZ: u8 = 10;
@@ -35,31 +37,55 @@ pub fn with_spinner<T>(what: &str, quiet: bool, work: impl FnOnce() -> T) -> T {
 
 /// The live view of one migration, drawn on stderr (hidden when stderr is not a terminal).
 /// Clones draw on the same bar.
+///
+/// The bar counts the disks' bytes during their bulk copy (the line above it has one entry
+/// per disk), then the pages of the current pre-copy round.
 #[derive(Clone)]
 pub struct ProgressView {
     bar: ProgressBar,
+    /// The bar counts disk bytes (its style says so).
+    counting_disk: Arc<AtomicBool>,
+}
+
+fn bar_style(disk: bool) -> ProgressStyle {
+    let template = if disk {
+        "{spinner:.green} {prefix:.bold} {msg}\n  [{bar:40.cyan/blue}] {bytes}/{total_bytes} of disk copied in bulk"
+    } else {
+        "{spinner:.green} {prefix:.bold} {msg}\n  [{bar:40.cyan/blue}] {pos}/{len} pages in this round"
+    };
+    ProgressStyle::with_template(template)
+        .expect("the template is valid")
+        .progress_chars("=> ")
 }
 
 impl ProgressView {
     pub fn new(vm: &str, to: &str) -> Self {
         let bar =
             ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(REDRAW_HZ));
-        let style = ProgressStyle::with_template(
-            "{spinner:.green} {prefix:.bold} {msg}\n  [{bar:40.cyan/blue}] {pos}/{len} pages in this round",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> ");
-        bar.set_style(style);
+        bar.set_style(bar_style(false));
         bar.set_prefix(format!("migrating {vm} → {to}"));
         bar.set_message("preparing");
         bar.enable_steady_tick(Duration::from_millis(100));
-        Self { bar }
+        Self {
+            bar,
+            counting_disk: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn update(&self, progress: &Progress) {
-        self.bar.set_length(progress.round_pages_total);
-        self.bar
-            .set_position(progress.round_pages_sent.min(progress.round_pages_total));
+        let disk_copy = progress.phase == Some(Phase::DiskCopy);
+        if self.counting_disk.swap(disk_copy, Ordering::Relaxed) != disk_copy {
+            self.bar.set_style(bar_style(disk_copy));
+        }
+        let (position, length) = if disk_copy {
+            let total = progress.disks.iter().map(|d| d.bytes_total).sum::<u64>();
+            let copied = progress.disks.iter().map(|d| d.bytes_copied).sum::<u64>();
+            (copied, total)
+        } else {
+            (progress.round_pages_sent, progress.round_pages_total)
+        };
+        self.bar.set_length(length);
+        self.bar.set_position(position.min(length));
         self.bar.set_message(describe(progress));
     }
 
@@ -78,11 +104,16 @@ impl ProgressView {
     }
 }
 
-/// One line: phase, round, bytes sent, rate, dirty set, predicted downtime, throttle, ETA.
+/// One line: phase, round, bytes sent, rate, dirty set, predicted downtime, throttle, ETA;
+/// during the disks' bulk copy, each disk's copy instead, and afterwards the writes
+/// mirrored so far.
 pub fn describe(progress: &Progress) -> String {
     let phase = progress
         .phase
         .map_or_else(|| "starting".to_string(), |p| p.to_string());
+    if progress.phase == Some(Phase::DiskCopy) {
+        return describe_disk_copy(progress);
+    }
     let mut line = phase;
     if matches!(
         progress.phase,
@@ -111,11 +142,48 @@ pub fn describe(progress: &Progress) -> String {
     if progress.throttle_percent > 0 {
         let _ = write!(line, " · throttle {}%", progress.throttle_percent);
     }
+    if !progress.disks.is_empty() {
+        let mirrored: u64 = progress.disks.iter().map(|d| d.mirrored_writes).sum();
+        let _ = write!(line, " · mirrored {mirrored} writes");
+    }
     if let Some(eta_ms) = progress.eta_ms {
         let _ = write!(line, " · ETA {}", format_ms(eta_ms as f64));
     }
     let _ = write!(line, " · {}", format_ms(progress.elapsed_ms as f64));
     line
+}
+
+/// The disks' bulk copy: per disk, bytes copied of the total, rate, ETA and the guest
+/// writes mirrored behind the cursor meanwhile.
+fn describe_disk_copy(progress: &Progress) -> String {
+    let mut line = String::from("disk-copy");
+    for (index, disk) in progress.disks.iter().enumerate() {
+        let _ = write!(line, " · disk {index}: {}", describe_disk_progress(disk));
+    }
+    if progress.disks.is_empty() {
+        line.push_str(" · starting");
+    }
+    let _ = write!(line, " · {}", format_ms(progress.elapsed_ms as f64));
+    line
+}
+
+fn describe_disk_progress(disk: &DiskProgress) -> String {
+    let percent = if disk.bytes_total == 0 {
+        100.0
+    } else {
+        disk.bytes_copied as f64 * 100.0 / disk.bytes_total as f64
+    };
+    let mut text = format!(
+        "{} of {} ({percent:.0}%) @ {}",
+        format_bytes(disk.bytes_copied),
+        format_bytes(disk.bytes_total),
+        format_rate(disk.rate_bytes_per_s as f64)
+    );
+    if let Some(eta_ms) = disk.eta_ms {
+        let _ = write!(text, ", ETA {}", format_ms(eta_ms as f64));
+    }
+    let _ = write!(text, ", mirrored {} writes", disk.mirrored_writes);
+    text
 }
 
 /// The report in human form.
@@ -156,8 +224,15 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
         (
             "trace",
             format!(
-                "{} (source: tracking armed, pages hashed, during the pre-fault)",
-                format_ms(report.trace_ms)
+                "{} (source: tracking armed, pages hashed, {})",
+                format_ms(report.trace_ms),
+                // With disks the trace follows their bulk copy, so that memory tracking
+                // starts when memory pre-copy does.
+                if report.disks.is_empty() {
+                    "during the pre-fault"
+                } else {
+                    "after the disk copy"
+                }
             ),
         ),
     ];
@@ -169,7 +244,60 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
         "  {:<13} {:#018x}",
         "memory digest", report.memory_digest
     );
+    if !report.disks.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<13} {} (bulk copy of every disk, before memory pre-copy)",
+            "disk copy",
+            format_ms(report.disk_copy_ms)
+        );
+    }
+    for (index, disk) in report.disks.iter().enumerate() {
+        render_disk_report(&mut out, index, disk);
+    }
     out
+}
+
+/// A disk's lines of the report: size, what the bulk copy sent and how fast, how, the
+/// mirrored writes, guest write latency in the three situations, and the digest.
+fn render_disk_report(out: &mut String, index: usize, disk: &DiskReport) {
+    let label = format!("disk {index}");
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    let lines = [
+        format!(
+            "{}: {} data + {} zero",
+            format_bytes(disk.bytes),
+            format_bytes(disk.data_bytes),
+            format_bytes(disk.zero_bytes)
+        ),
+        format!(
+            "bulk copy {} at {} ({} chunks, queue depth {}, direct I/O {}, registered buffers {})",
+            format_ms(disk.copy_ms),
+            format_rate(disk.copy_bytes_per_s),
+            format_bytes(u64::from(disk.chunk_bytes)),
+            disk.queue_depth,
+            yes_no(disk.direct_io),
+            yes_no(disk.registered_buffers)
+        ),
+        format!(
+            "mirrored {} writes ({}); {} writes ahead of the cursor, {} waited for the chunk in flight",
+            disk.mirrored_writes,
+            format_bytes(disk.mirrored_bytes),
+            disk.local_writes,
+            disk.waited_for_copy
+        ),
+        format!(
+            "guest write p50/p99: mirrored {} · ahead of the cursor {} · before the migration {}",
+            format_latency(&disk.mirrored_latency),
+            format_latency(&disk.local_latency),
+            format_latency(&disk.unmirrored_latency)
+        ),
+        format!("digest {:#018x}", disk.digest),
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        let label = if i == 0 { label.as_str() } else { "" };
+        let _ = writeln!(out, "  {label:<13} {line}");
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +340,105 @@ mod tests {
         });
         assert!(line.contains("dirty set after the first pass"), "{line}");
         assert!(!line.contains("downtime≈"), "{line}");
+    }
+
+    #[test]
+    fn disk_copy_shows_each_disk_and_pre_copy_the_mirrored_writes() {
+        let disk = DiskProgress {
+            bytes_total: 1 << 30,
+            bytes_copied: 256 << 20,
+            rate_bytes_per_s: 512 << 20,
+            eta_ms: Some(1500),
+            mirrored_writes: 42,
+        };
+        let line = describe(&Progress {
+            phase: Some(Phase::DiskCopy),
+            disks: vec![disk.clone()],
+            elapsed_ms: 700,
+            ..Progress::default()
+        });
+        for part in [
+            "disk-copy",
+            "disk 0: 256 MiB of 1.00 GiB (25%)",
+            "512 MiB/s",
+            "ETA 1.50 s",
+            "mirrored 42 writes",
+        ] {
+            assert!(line.contains(part), "{part:?} missing from {line:?}");
+        }
+        assert!(!line.contains("pre-copy"), "{line}");
+        let line = describe(&Progress {
+            phase: Some(Phase::MemoryPreCopy),
+            round: 1,
+            disks: vec![DiskProgress {
+                bytes_copied: 1 << 30,
+                eta_ms: None,
+                mirrored_writes: 1234,
+                ..disk
+            }],
+            ..Progress::default()
+        });
+        assert!(line.contains("pre-copy round 1"), "{line}");
+        assert!(line.contains("mirrored 1234 writes"), "{line}");
+        let line = describe(&Progress {
+            phase: Some(Phase::MemoryPreCopy),
+            round: 1,
+            ..Progress::default()
+        });
+        assert!(!line.contains("mirrored"), "no disk, no mirror: {line}");
+    }
+
+    #[test]
+    fn report_shows_every_disk() {
+        let latency = |p50_us, p99_us| ferry_dataplane::disk::LatencySummary {
+            count: 10,
+            p50_us,
+            p99_us,
+            max_us: p99_us,
+        };
+        let report = MigrationReport {
+            disk_copy_ms: 1500.0,
+            disks: vec![DiskReport {
+                bytes: 1 << 30,
+                data_bytes: 256 << 20,
+                zero_bytes: 768 << 20,
+                copy_ms: 1400.0,
+                copy_bytes_per_s: (1u64 << 30) as f64,
+                chunk_bytes: 1 << 20,
+                queue_depth: 16,
+                direct_io: true,
+                registered_buffers: true,
+                mirrored_writes: 321,
+                mirrored_bytes: 321 * (64 << 10),
+                local_writes: 50,
+                waited_for_copy: 2,
+                mirrored_latency: latency(400.0, 2500.0),
+                local_latency: latency(60.0, 300.0),
+                unmirrored_latency: latency(50.0, 200.0),
+                digest: 0xabcdef,
+            }],
+            ..MigrationReport::default()
+        };
+        let text = render_report("vm1", "h:1", &report);
+        for part in [
+            "disk copy",
+            "1.50 s",
+            "disk 0",
+            "1.00 GiB: 256 MiB data + 768 MiB zero",
+            "bulk copy 1.40 s at 1.00 GiB/s",
+            "1.00 MiB chunks, queue depth 16, direct I/O yes",
+            "mirrored 321 writes (20.06 MiB)",
+            "50 writes ahead of the cursor",
+            "mirrored 400 µs / 2.50 ms",
+            "ahead of the cursor 60 µs / 300 µs",
+            "before the migration 50 µs / 200 µs",
+            "digest 0x0000000000abcdef",
+            "after the disk copy",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+        let without = render_report("vm1", "h:1", &MigrationReport::default());
+        assert!(!without.contains("disk"), "{without}");
     }
 
     #[test]

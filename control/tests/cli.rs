@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,16 +11,28 @@ use serde_json::Value;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
+const MIB: u64 = 1 << 20;
+
 /// An agent process, shut down (or killed) when dropped.
 struct Agent {
     child: Child,
     addr: String,
-    data_dir: tempfile::TempDir,
+    /// The agent's data directory.
+    data_dir: PathBuf,
+    /// Holds a temporary data directory for as long as the agent runs.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Agent {
     fn start() -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let mut agent = Self::start_in(&temp.path().join("agent"));
+        agent._temp = Some(temp);
+        agent
+    }
+
+    /// An agent whose data directory is `data_dir` (created by the agent).
+    fn start_in(data_dir: &Path) -> Self {
         let mut child = Command::new(FERRY)
             .args([
                 "agent",
@@ -28,7 +41,7 @@ impl Agent {
                 "--print-addr",
                 "--data-dir",
             ])
-            .arg(data_dir.path().join("agent"))
+            .arg(data_dir)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -46,8 +59,14 @@ impl Agent {
         Agent {
             child,
             addr,
-            data_dir,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
         }
+    }
+
+    /// Where the agent keeps the disk image it creates for VM `name`.
+    fn image(&self, name: &str) -> PathBuf {
+        self.data_dir.join("disks").join(format!("{name}.img"))
     }
 
     /// Runs `ferry --agent ADDR --json ARGS…`; returns the exit code and the one JSON object.
@@ -113,10 +132,8 @@ fn vm_lifecycle_and_clear_errors() {
     let agent = Agent::start();
 
     // The identity file records where the agent listens.
-    let identity: Value = serde_json::from_slice(
-        &std::fs::read(agent.data_dir.path().join("agent/agent.json")).unwrap(),
-    )
-    .unwrap();
+    let identity: Value =
+        serde_json::from_slice(&std::fs::read(agent.data_dir.join("agent.json")).unwrap()).unwrap();
     assert_eq!(identity["listen_addr"], agent.addr.as_str());
 
     let (code, vm) = agent.ferry(&[
@@ -307,6 +324,363 @@ fn migration_between_two_agents() {
         "the source released the VM"
     );
 
+    a.shutdown();
+    b.shutdown();
+}
+
+/// The VM's disk writes so far (`vm status --json`).
+fn disk_steps(agent: &Agent, name: &str) -> u64 {
+    let (code, status) = agent.ferry(&["vm", "status", name]);
+    assert_eq!(code, 0, "{status}");
+    status["disk"]["total_steps"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no disk steps in {status}"))
+}
+
+/// Waits (boundedly) until the VM's disk writes pass `than`.
+fn disk_steps_advance(agent: &Agent, name: &str, than: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if disk_steps(agent, name) > than {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn vm_with_a_disk_pause_resume_destroy() {
+    let agent = Agent::start();
+    let image = agent.image("d");
+
+    let (code, vm) = agent.ferry(&["vm", "create", "d", "--memory", "64M", "--disk", "64M"]);
+    assert_eq!(code, 0, "{vm}");
+    let disk = &vm["disk"];
+    assert_eq!(disk["bytes"], 64 * MIB);
+    assert_eq!(disk["path"], image.to_str().unwrap());
+    assert_eq!(disk["agent_owned"], true);
+    assert_eq!(disk["pattern"], "random");
+    assert_eq!(disk["write_rate_bytes_per_s"], 20 * MIB);
+    assert_eq!(disk["fill_percent"], 25);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 * MIB);
+
+    let (code, status) = agent.ferry(&["vm", "status", "d"]);
+    assert_eq!(code, 0);
+    assert_eq!(status["disk"]["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(status["disk"]["write_errors"], 0);
+    assert!(
+        disk_steps_advance(&agent, "d", 0),
+        "the disk is written at 20 MB/s"
+    );
+    let (_, list) = agent.ferry(&["vm", "list"]);
+    assert_eq!(list["vms"][0]["disk"]["bytes"], 64 * MIB);
+
+    // Paused: neither memory nor disk moves, and it says so.
+    let (code, paused) = agent.ferry(&["vm", "pause", "d"]);
+    assert_eq!(code, 0, "{paused}");
+    assert_eq!(paused["running"], false);
+    let at_pause = disk_steps(&agent, "d");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(disk_steps(&agent, "d"), at_pause);
+    let (_, status) = agent.ferry(&["vm", "status", "d"]);
+    assert_eq!(
+        (status["state"].as_str(), status["running"].as_bool()),
+        (Some("running"), Some(false))
+    );
+    // Verify leaves a paused VM paused.
+    let (code, report) = agent.ferry(&["vm", "verify", "d"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["disk_bytes_checked"], 64 * MIB);
+    assert_eq!(report["mismatched_disk_blocks"], 0);
+    assert_eq!(disk_steps(&agent, "d"), at_pause);
+
+    let (code, resumed) = agent.ferry(&["vm", "resume", "d"]);
+    assert_eq!(code, 0, "{resumed}");
+    assert_eq!(resumed["running"], true);
+    assert!(disk_steps_advance(&agent, "d", at_pause));
+    let (code, report) = agent.ferry(&["vm", "verify", "d"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+
+    for args in [&["vm", "pause", "nope"][..], &["vm", "resume", "nope"]] {
+        let (code, err) = agent.ferry(args);
+        assert_eq!((code, error_of(&err).1), (1, "not-found"), "{args:?}");
+    }
+
+    let (code, _) = agent.ferry(&["vm", "destroy", "d"]);
+    assert_eq!(code, 0);
+    assert!(!image.exists(), "destroy deletes the agent's image");
+
+    agent.shutdown();
+}
+
+#[test]
+fn disks_at_user_paths_leftovers_and_bad_names() {
+    let agent = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A user's file: overwritten (zero, then boot content), its size taken, never deleted.
+    let user = dir.path().join("user.img");
+    std::fs::write(&user, vec![0xa5u8; 32 << 20]).unwrap();
+    let user_arg = user.to_str().unwrap();
+    let (code, vm) = agent.ferry(&["vm", "create", "u", "--memory", "64M", "--disk", user_arg]);
+    assert_eq!(code, 0, "{vm}");
+    assert_eq!(vm["disk"]["bytes"], 32 * MIB);
+    assert_eq!(vm["disk"]["agent_owned"], false);
+    let (code, report) = agent.ferry(&["vm", "verify", "u"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "{report}");
+    // One image, one VM.
+    let (code, err) = agent.ferry(&["vm", "create", "u2", "--memory", "64M", "--disk", user_arg]);
+    assert_eq!(code, 1);
+    let (message, kind) = error_of(&err);
+    assert_eq!(kind, "bad-request");
+    assert!(
+        message.contains("already the disk of VM \"u\""),
+        "{message}"
+    );
+    assert_eq!(agent.ferry(&["vm", "destroy", "u"]).0, 0);
+    let content = std::fs::read(&user).unwrap();
+    assert_eq!(
+        content.len() as u64,
+        32 * MIB,
+        "a user's disk is never deleted"
+    );
+    // Verify passed, so every block holds what the replay expects; unfilled extents (75 %
+    // by default) read as zero, where the old content was all 0xa5.
+    let zeros = content.iter().filter(|&&b| b == 0).count();
+    assert!(
+        zeros > content.len() / 2,
+        "its whole content was overwritten"
+    );
+
+    // A size that is not whole MiB is refused before the file is touched.
+    let odd = dir.path().join("odd.img");
+    std::fs::write(&odd, vec![0x11u8; 3 << 12]).unwrap();
+    let (code, err) = agent.ferry(&["vm", "create", "o", "--disk", odd.to_str().unwrap()]);
+    assert_eq!((code, error_of(&err).1), (1, "bad-request"), "{err}");
+    assert!(std::fs::read(&odd).unwrap().iter().all(|&b| b == 0x11));
+    let (code, err) = agent.ferry(&[
+        "vm",
+        "create",
+        "o",
+        "--disk",
+        dir.path().join("missing.img").to_str().unwrap(),
+    ]);
+    assert_eq!((code, error_of(&err).1), (1, "bad-request"), "{err}");
+    assert!(error_of(&err).0.contains("missing.img"), "{err}");
+
+    // A file left under the agent's name for a VM is refused, never overwritten.
+    let leftover = agent.image("left");
+    std::fs::write(&leftover, b"keep me").unwrap();
+    let (code, err) = agent.ferry(&["vm", "create", "left", "--memory", "64M", "--disk", "64M"]);
+    assert_eq!(code, 1);
+    let (message, kind) = error_of(&err);
+    assert_eq!(kind, "already-exists");
+    assert!(message.contains(leftover.to_str().unwrap()), "{message}");
+    assert_eq!(std::fs::read(&leftover).unwrap(), b"keep me");
+    let (_, list) = agent.ferry(&["vm", "list"]);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 0, "{list}");
+
+    // A name that cannot be a file name gets no disk.
+    let (code, err) = agent.ferry(&["vm", "create", "a/b", "--memory", "64M", "--disk", "64M"]);
+    assert_eq!((code, error_of(&err).1), (1, "bad-request"), "{err}");
+
+    agent.shutdown();
+}
+
+/// A filesystem mounted on a temporary directory, unmounted on drop.
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    /// Mounts `fstype`, or says why not (the caller skips its test, visibly).
+    fn new(fstype: &str) -> Result<Mount, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount")
+            .args(["-t", fstype, "none"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount(8): {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t {fstype} failed (needs root): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Mount { dir })
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn direct_io_required_on_ramfs_is_a_clear_error() {
+    let mount = match Mount::new("ramfs") {
+        Ok(mount) => mount,
+        Err(reason) => {
+            println!("SKIPPED direct_io_required_on_ramfs_is_a_clear_error: {reason}");
+            return;
+        }
+    };
+    let agent = Agent::start_in(&mount.dir.path().join("agent"));
+    let (code, err) = agent.ferry(&[
+        "vm",
+        "create",
+        "r",
+        "--memory",
+        "64M",
+        "--disk",
+        "64M",
+        "--direct-io",
+        "required",
+    ]);
+    assert_eq!(code, 1);
+    let (message, kind) = error_of(&err);
+    assert_eq!(kind, "bad-request");
+    assert!(message.contains("O_DIRECT"), "{message}");
+    assert!(message.contains("--direct-io auto"), "{message}");
+    assert!(!agent.image("r").exists(), "nothing is left behind");
+    let (_, list) = agent.ferry(&["vm", "list"]);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 0);
+
+    // auto falls back to buffered I/O, and says so in the status.
+    let (code, vm) = agent.ferry(&["vm", "create", "r", "--memory", "64M", "--disk", "64M"]);
+    assert_eq!(code, 0, "{vm}");
+    assert_eq!(vm["disk"]["direct_io"], false);
+    assert_eq!(agent.ferry(&["vm", "destroy", "r"]).0, 0);
+    assert!(!agent.image("r").exists());
+    agent.shutdown();
+    drop(mount);
+}
+
+/// `migrate --progress-json`: the progress lines and the report.
+fn migrate(a: &Agent, name: &str, to: &Agent, extra: &[&str]) -> (Vec<Value>, Value) {
+    let output = Command::new(FERRY)
+        .args(["--agent", &a.addr, "--progress-json", "migrate", name])
+        .args(["--to", &to.addr, "--streams", "2"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "migrate failed: {stdout}; stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let report = lines.pop().unwrap();
+    (lines, report)
+}
+
+#[test]
+fn migration_with_a_disk() {
+    let a = Agent::start();
+    let b = Agent::start();
+    let create = |name: &str| {
+        let (code, vm) = a.ferry(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "64M",
+            "--disk",
+            "128M",
+            "--disk-write-rate",
+            "20MB/s",
+        ]);
+        assert_eq!(code, 0, "{vm}");
+    };
+    create("m");
+
+    // A file left where the destination would create the image: refused, not overwritten,
+    // and the VM keeps running on the source.
+    std::fs::write(b.image("m"), b"leftover").unwrap();
+    let (code, err) = a.ferry(&["migrate", "m", "--to", &b.addr]);
+    assert_eq!(code, 1);
+    let (message, _) = error_of(&err);
+    assert!(
+        message.contains("refused") && message.contains(b.image("m").to_str().unwrap()),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(b.image("m")).unwrap(), b"leftover");
+    let (_, status) = a.ferry(&["vm", "status", "m"]);
+    assert_eq!(
+        (status["state"].as_str(), status["running"].as_bool()),
+        (Some("running"), Some(true))
+    );
+    std::fs::remove_file(b.image("m")).unwrap();
+
+    let (progress, report) = migrate(&a, "m", &b, &[]);
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["phase"] == "DiskCopy" && p["disks"][0]["bytes_total"] == 128 * MIB),
+        "no disk-copy progress in {progress:?}"
+    );
+    assert_eq!(report["disks"][0]["bytes"], 128 * MIB, "{report}");
+    assert!(report["disks"][0]["mirrored_writes"].as_u64().is_some());
+    assert!(report["disk_copy_ms"].as_f64().unwrap() > 0.0);
+    let (code, verify) = b.ferry(&["vm", "verify", "m"]);
+    assert_eq!(code, 0, "{verify}");
+    assert_eq!(verify["ok"], true);
+    assert_eq!(verify["disk_bytes_checked"], 128 * MIB);
+    assert!(!a.image("m").exists(), "the source deletes its image");
+    assert_eq!(std::fs::metadata(b.image("m")).unwrap().len(), 128 * MIB);
+    assert!(disk_steps_advance(&b, "m", disk_steps(&b, "m")));
+
+    // Paused on arrival, and the source keeps its image: both images are the same bytes.
+    create("p");
+    let (_, report) = migrate(&a, "p", &b, &["--paused", "--keep-source-disks"]);
+    assert_eq!(report["disks"][0]["bytes"], 128 * MIB, "{report}");
+    let (_, list) = a.ferry(&["vm", "list"]);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 0, "{list}");
+    let source_image = std::fs::read(a.image("p")).expect("the source kept its image");
+    let destination_image = std::fs::read(b.image("p")).unwrap();
+    assert_eq!(source_image.len() as u64, 128 * MIB);
+    assert!(
+        source_image == destination_image,
+        "the images differ after the hand-over"
+    );
+    drop((source_image, destination_image));
+    let (_, status) = b.ferry(&["vm", "status", "p"]);
+    assert_eq!(
+        (status["state"].as_str(), status["running"].as_bool()),
+        (Some("running"), Some(false)),
+        "{status}"
+    );
+    let parked = disk_steps(&b, "p");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(disk_steps(&b, "p"), parked, "a paused VM does not write");
+    let (code, resumed) = b.ferry(&["vm", "resume", "p"]);
+    assert_eq!(code, 0, "{resumed}");
+    assert_eq!(resumed["running"], true);
+    assert!(disk_steps_advance(&b, "p", parked));
+    let (code, verify) = b.ferry(&["vm", "verify", "p"]);
+    assert_eq!(code, 0, "{verify}");
+    assert_eq!(verify["ok"], true);
+
+    // Destroying on the destination deletes its images; the source's kept one stays.
+    assert_eq!(b.ferry(&["vm", "destroy", "p"]).0, 0);
+    assert!(!b.image("p").exists());
+    assert!(a.image("p").exists());
     a.shutdown();
     b.shutdown();
 }

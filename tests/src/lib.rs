@@ -2,7 +2,7 @@
 //! real `ferry` CLI with `--json`, so every test exercises what an operator runs.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,21 @@ pub fn ferry_bin() -> PathBuf {
 pub struct Agent {
     child: Child,
     pub addr: String,
-    _data_dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    _owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Agent {
     /// Starts an agent on an ephemeral loopback port and waits until it listens.
     pub fn start() -> Agent {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut agent = Self::start_in(dir.path());
+        agent._owned_dir = Some(dir);
+        agent
+    }
+
+    /// Starts an agent whose data directory is `data_dir` (kept after the agent ends).
+    pub fn start_in(data_dir: &Path) -> Agent {
         let mut child = Command::new(ferry_bin())
             .args([
                 "agent",
@@ -43,7 +51,7 @@ impl Agent {
                 "--print-addr",
                 "--data-dir",
             ])
-            .arg(data_dir.path())
+            .arg(data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -61,8 +69,18 @@ impl Agent {
         Agent {
             child,
             addr,
-            _data_dir: data_dir,
+            data_dir: data_dir.to_path_buf(),
+            _owned_dir: None,
         }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Where this agent keeps the disk image it created for `vm`.
+    pub fn image_path(&self, vm: &str) -> PathBuf {
+        self.data_dir.join("disks").join(format!("{vm}.img"))
     }
 
     /// Runs `ferry --agent <this> --json ARGS` and returns its output.
@@ -152,4 +170,74 @@ pub fn parse_json(stdout: &[u8]) -> Value {
             )
         })
         .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The first byte offset where two files differ (a shorter file differs where it ends), or
+/// None when they are byte-identical. Reads both in 8 MiB pieces.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    let open = |p: &Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut offset = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if let Some(i) = ba[..na.min(nb)]
+            .iter()
+            .zip(&bb[..na.min(nb)])
+            .position(|(x, y)| x != y)
+        {
+            return Some(offset + i as u64);
+        }
+        if na != nb {
+            return Some(offset + na.min(nb) as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        offset += na as u64;
+    }
+
+    fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..]).expect("reading an image") {
+                0 => break,
+                n => got += n,
+            }
+        }
+        got
+    }
+}
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory; unmounted on drop. None when this
+/// process may not mount (not root).
+pub struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    pub fn mount(mib: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "ferry-test"])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        status.success().then_some(SmallFs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }

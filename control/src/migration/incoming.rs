@@ -1,5 +1,6 @@
-//! Destination side: accept a `MigrateIn`, create the incoming VM, gather the data streams
-//! (routed here by session), and hand everything to `migrate_in`.
+//! Destination side: accept a `MigrateIn`, create the incoming VM (and the image of its
+//! disk), gather the data streams (routed here by session), and hand everything to
+//! `migrate_in`.
 
 use std::collections::HashMap;
 use std::io;
@@ -9,17 +10,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use ferry_dataplane::disk::VirtualDisk;
 use ferry_dataplane::engine::destination::{migrate_in, DestinationContext};
+use ferry_dataplane::engine::EngineError;
 use ferry_dataplane::guest::reference::ReferenceVm;
+use ferry_dataplane::guest::{Guest, GuestError};
+use ferry_dataplane::memory::GuestMemory;
 use ferry_dataplane::transport::tcp::TcpDestination;
+use ferry_dataplane::transport::tcp_disk::TcpDiskDestination;
+use ferry_dataplane::transport::DiskDestination;
 use ferry_dataplane::wire::write_message;
 use tracing::{error, info, warn};
 
 use super::{DATA_STREAMS_TIMEOUT, POLL_INTERVAL};
 use crate::api::VmState;
+use crate::disks::{DiskStore, HostedDisk};
 use crate::error_chain;
 use crate::peer::{DataStream, DataStreamReply, MigrateIn, MigrateInReply, STREAMS_MAX};
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistryError};
 
 /// Data connections that arrived for an incoming session not yet started: session → the
 /// channel its acceptor reads them from.
@@ -95,10 +103,14 @@ impl Drop for SessionGuard<'_> {
     }
 }
 
-/// Discards the incoming VM unless the migration completed, also when the engine panics.
+/// Discards the incoming VM, and the disk image created for it, unless the migration
+/// completed; also when the engine panics.
 struct IncomingGuard<'a> {
     registry: &'a Registry,
+    disks: &'a DiskStore,
     name: String,
+    /// The image this migration created (set once it exists).
+    image: Option<HostedDisk>,
     completed: bool,
 }
 
@@ -110,6 +122,54 @@ impl Drop for IncomingGuard<'_> {
         if let Some(vm) = self.registry.remove(&self.name) {
             vm.shutdown();
         }
+        if let Some(image) = &self.image {
+            if self.disks.remove(image, "the incoming migration failed") {
+                info!(vm = %self.name, path = %image.path.display(), "removed the partial image");
+            }
+        }
+    }
+}
+
+/// The incoming VM as the engine sees it: the VM itself, plus a note in the registry once
+/// the device state is loaded, so that requests in the last moments of the migration wait
+/// for it to settle instead of failing as busy (see [`Registry::incoming_finishing`]).
+struct ObservedGuest<'a> {
+    vm: &'a ReferenceVm,
+    registry: &'a Registry,
+    name: &'a str,
+    state_loaded: AtomicBool,
+}
+
+impl Guest for ObservedGuest<'_> {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        self.vm.memory()
+    }
+
+    fn disks(&self) -> &[Arc<VirtualDisk>] {
+        self.vm.disks()
+    }
+
+    fn quiesce(&self) -> Result<(), GuestError> {
+        self.vm.quiesce()
+    }
+
+    fn resume(&self) -> Result<(), GuestError> {
+        self.vm.resume()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, GuestError> {
+        self.vm.save_state()
+    }
+
+    fn load_state(&self, blob: &[u8]) -> Result<(), GuestError> {
+        self.vm.load_state(blob)?;
+        self.state_loaded.store(true, Ordering::SeqCst);
+        self.registry.mark_state_loaded(self.name);
+        Ok(())
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.vm.set_throttle(percent)
     }
 }
 
@@ -118,14 +178,18 @@ impl Drop for IncomingGuard<'_> {
 pub fn accept_incoming(
     registry: &Registry,
     sessions: &PendingSessions,
+    disks: &DiskStore,
     mut control: TcpStream,
     request: MigrateIn,
     shutting_down: &AtomicBool,
 ) {
+    let connections = request.data_connections();
     let MigrateIn {
         session,
         spec,
         streams,
+        direct_io,
+        start_paused,
     } = request;
     let name = spec.name.clone();
     let refuse = |control: &mut TcpStream, reason: String| {
@@ -147,21 +211,53 @@ pub fn accept_incoming(
     if let Err(err) = spec.validate() {
         return refuse(&mut control, error_chain(&err));
     }
-    let cancel = match registry.reserve(&spec, VmState::Incoming) {
+    // The image this agent creates for the VM's disk, named after the VM: reserved now,
+    // the agent's once created (a leftover found there is not).
+    let hosted = match spec.disk {
+        Some(_) => match disks.image_path(&name) {
+            Ok(path) => Some(HostedDisk {
+                path,
+                agent_owned: false,
+            }),
+            Err(err) => return refuse(&mut control, error_chain(&err)),
+        },
+        None => None,
+    };
+    let cancel = match registry.reserve(&spec, VmState::Incoming, hosted) {
         Ok(cancel) => cancel,
-        Err(_) => {
+        Err(RegistryError::AlreadyExists { .. }) => {
             return refuse(
                 &mut control,
                 format!("a VM named {name:?} already exists there"),
             )
         }
+        Err(err) => return refuse(&mut control, err.to_string()),
     };
     let mut guard = IncomingGuard {
         registry,
+        disks,
         name: name.clone(),
+        image: None,
         completed: false,
     };
-    let vm = match ReferenceVm::incoming(spec) {
+    // A fresh image: it reads as zero, so the bulk copy's zero chunks need no write. A
+    // leftover file is refused (never overwritten); no room, or O_DIRECT refused under
+    // `required`, is refused with its reason, and the source keeps running the VM.
+    let disk = match &spec.disk {
+        Some(disk) => match disks.create(&name, disk.bytes, direct_io) {
+            Ok(image) => {
+                registry.claim_disk(&name);
+                guard.image = Some(HostedDisk {
+                    path: image.path().to_path_buf(),
+                    agent_owned: true,
+                });
+                Some(Arc::new(VirtualDisk::new(image)))
+            }
+            Err(err) => return refuse(&mut control, error_chain(&err)),
+        },
+        None => None,
+    };
+    let vm = match ReferenceVm::incoming_with_disk(spec, disk) {
         Ok(vm) => Arc::new(vm),
         Err(err) => {
             return refuse(
@@ -171,7 +267,7 @@ pub fn accept_incoming(
         }
     };
     registry.attach(&name, Arc::clone(&vm));
-    let Some(arrivals) = sessions.open(session, streams) else {
+    let Some(arrivals) = sessions.open(session, connections) else {
         return refuse(
             &mut control,
             format!("session {session:#018x} is already in use"),
@@ -187,9 +283,11 @@ pub fn accept_incoming(
         warn!(vm = %name, error = %error_chain(&err), "the source agent went away before the data streams");
         return;
     }
-    info!(vm = %name, session = format_args!("{session:#018x}"), streams, prefault_ms = vm.prefault_ms(), "incoming migration accepted");
+    info!(vm = %name, session = format_args!("{session:#018x}"), streams, connections,
+        disk = ?guard.image.as_ref().map(|d| &d.path), start_paused,
+        prefault_ms = vm.prefault_ms(), "incoming migration accepted");
 
-    let data = match gather_streams(&control, &arrivals, streams, &cancel) {
+    let mut data = match gather_streams(&control, &arrivals, connections, &cancel) {
         Ok(data) => data,
         Err(reason) => {
             warn!(vm = %name, %reason, "incoming migration abandoned before the transfer");
@@ -197,6 +295,21 @@ pub fn accept_incoming(
         }
     };
     drop(session_guard);
+    // Memory streams first, then the disk's bulk and mirror lanes.
+    let lanes = data.split_off(streams as usize);
+    let disk_transport = match <[TcpStream; 2]>::try_from(lanes) {
+        Ok([bulk, mirror]) => match TcpDiskDestination::new(bulk, mirror, streams as usize) {
+            Ok(link) => Some(Box::new(link) as Box<dyn DiskDestination>),
+            Err(err) => {
+                warn!(vm = %name, error = %error_chain(&err), "incoming migration: disk link setup failed");
+                return;
+            }
+        },
+        Err(lanes) => {
+            debug_assert!(lanes.is_empty(), "a disk adds exactly two connections");
+            None
+        }
+    };
     let transport = match TcpDestination::new(data) {
         Ok(transport) => Box::new(transport),
         Err(err) => {
@@ -204,17 +317,29 @@ pub fn accept_incoming(
             return;
         }
     };
+    let guest = ObservedGuest {
+        vm: vm.as_ref(),
+        registry,
+        name: &name,
+        state_loaded: AtomicBool::new(false),
+    };
     let ctx = DestinationContext {
-        guest: vm.as_ref(),
+        guest: &guest,
         control,
         transport,
+        disk_transport,
+        fresh_disks: true,
+        start_paused,
         cancel: &cancel,
     };
-    match migrate_in(ctx) {
+    let result = migrate_in(ctx);
+    let state_loaded = guest.state_loaded.load(Ordering::SeqCst);
+    match result {
         Ok(report) => {
             registry.set_state(&name, VmState::Running);
             guard.completed = true;
-            info!(vm = %name, pages_received = report.pages_received, rounds = report.rounds, "incoming migration completed; VM runs here");
+            info!(vm = %name, pages_received = report.pages_received, rounds = report.rounds,
+                paused = start_paused, "incoming migration completed; VM hosted here");
         }
         // The engine resumes the guest only after the source's Commit; an error after that
         // (telling the source `Resumed` failed) must not discard the only running copy.
@@ -223,6 +348,18 @@ pub fn accept_incoming(
             guard.completed = true;
             error!(vm = %name, error = %error_chain(&err),
                 "incoming migration reported an error after the VM was resumed here; keeping it (the source committed)");
+        }
+        // A VM taken over paused never runs here, so whether the source committed cannot be
+        // told from it: past the device state, only an abort from the source says it did
+        // not. Otherwise keep the paused copy (discarding it could lose the only copy) and
+        // say that it must not be resumed before the source has been checked.
+        Err(err)
+            if start_paused && state_loaded && !matches!(err, EngineError::PeerAborted { .. }) =>
+        {
+            registry.set_state(&name, VmState::Running);
+            guard.completed = true;
+            error!(vm = %name, error = %error_chain(&err),
+                "incoming migration (--paused) failed after the device state was loaded; whether the source committed is unknown: keeping the PAUSED VM; check the source agent before `vm resume` (or `vm destroy` it)");
         }
         Err(err) => {
             warn!(vm = %name, error = %error_chain(&err), "incoming migration failed; discarding the incoming VM");

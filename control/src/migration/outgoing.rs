@@ -1,5 +1,5 @@
 //! Source side: connect to the destination agent, hand the sockets to `migrate_out`, and
-//! settle the registry with the outcome.
+//! settle the registry (and the VM's disk image) with the outcome.
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -16,7 +16,8 @@ use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::{FullTracker, UffdWpTracker};
 use ferry_dataplane::memory::{DirtyTracker, GuestMemory, TrackerError};
 use ferry_dataplane::transport::tcp::TcpSource;
-use ferry_dataplane::transport::TransportError;
+use ferry_dataplane::transport::tcp_disk::TcpDiskSource;
+use ferry_dataplane::transport::{DiskSource, TransportError};
 use ferry_dataplane::wire::{read_message, write_message, WireError};
 use tracing::{error, info, warn};
 
@@ -25,6 +26,7 @@ use super::{
     FINAL_SEND_TIMEOUT, POLL_INTERVAL, PROGRESS_INTERVAL,
 };
 use crate::api::{ErrorKind, Response, VmState};
+use crate::disks::DiskStore;
 use crate::error_chain;
 use crate::peer::{
     new_session_id, DataStream, DataStreamReply, MigrateIn, MigrateInReply, Opening,
@@ -78,11 +80,12 @@ pub struct OutgoingRequest {
 /// nobody listening changes nothing.
 pub fn run_outgoing(
     registry: &Registry,
+    disks: &DiskStore,
     outgoing: Outgoing,
     request: OutgoingRequest,
     events: Sender<Response>,
 ) {
-    let Outgoing { vm, cancel } = outgoing;
+    let Outgoing { vm, cancel, disk } = outgoing;
     let name = vm.spec().name.clone();
     let to = request.to.clone();
     let _ = events.try_send(Response::Progress(Progress {
@@ -93,26 +96,43 @@ pub fn run_outgoing(
     let result = migrate(&vm, &cancel, &request, &events);
     let answer = match result {
         Ok(report) => {
-            // The VM runs on the destination; this copy stays quiesced and is discarded.
+            // The VM runs on the destination; this copy stays quiesced and is discarded,
+            // with its image unless asked to keep it (a user's path is never deleted).
             registry.remove(&name);
             vm.shutdown();
+            drop(vm);
+            match &disk {
+                Some(disk) if request.params.keep_source_disks => {
+                    info!(vm = %name, path = %disk.path.display(), "source disk image kept (--keep-source-disks)");
+                }
+                Some(disk) => {
+                    disks.remove(disk, "the VM was handed over");
+                }
+                None => {}
+            }
             info!(
                 vm = %name, %to, total_ms = report.total_ms, downtime_ms = report.downtime_ms,
-                bytes_sent = report.bytes_sent, rounds = report.rounds, "migration completed; VM handed over"
+                bytes_sent = report.bytes_sent, rounds = report.rounds, disk_copy_ms = report.disk_copy_ms,
+                "migration completed; VM handed over"
             );
             Response::Migrated(report)
         }
         Err(OutgoingError::Engine(err @ EngineError::LostAfterCommit { .. })) => {
             // Past the commit point the source must never run the VM again, whatever the
-            // destination did: drop it here, and say so loudly.
+            // destination did: drop it here, and say so loudly. Its disk image is kept: it
+            // may be the only complete copy left.
             registry.remove(&name);
             vm.shutdown();
             let chain = error_chain(&err);
-            error!(vm = %name, %to, error = %chain,
-                "VM HANDED OVER BUT NOT CONFIRMED: the source has discarded its copy; check the destination agent");
+            let kept = disk
+                .as_ref()
+                .map(|d| format!("; its disk image is kept at {}", d.path.display()))
+                .unwrap_or_default();
+            error!(vm = %name, %to, error = %chain, disk = ?disk.as_ref().map(|d| &d.path),
+                "VM HANDED OVER BUT NOT CONFIRMED: the source has discarded its copy (not its disk image); check the destination agent");
             Response::error(
                 ErrorKind::MigrationFailed,
-                format!("migration of {name:?} to {to} passed the commit point but the destination did not confirm ({chain}); the source no longer runs it: check the destination"),
+                format!("migration of {name:?} to {to} passed the commit point but the destination did not confirm ({chain}); the source no longer runs it{kept}: check the destination"),
             )
         }
         Err(err @ OutgoingError::EnginePanicked { .. }) => {
@@ -139,6 +159,16 @@ pub fn run_outgoing(
     let _ = events.send_timeout(answer, FINAL_SEND_TIMEOUT);
 }
 
+/// The sockets of a migration once the destination accepted it.
+struct Connected {
+    control: TcpStream,
+    /// The memory streams.
+    data: Vec<TcpStream>,
+    /// The disk's bulk and mirror lanes, when the VM has a disk.
+    disk_lanes: Option<(TcpStream, TcpStream)>,
+    prefault_ms: f64,
+}
+
 fn migrate(
     vm: &Arc<ReferenceVm>,
     cancel: &AtomicBool,
@@ -146,113 +176,80 @@ fn migrate(
     events: &Sender<Response>,
 ) -> Result<MigrationReport, OutgoingError> {
     let to = request.to.as_str();
-    let spec = vm.spec().clone();
     let session = new_session_id();
     let streams = request.params.streams as u32;
-    info!(vm = %spec.name, %to, session = format_args!("{session:#018x}"), streams, "starting outgoing migration");
+    let has_disk = vm.disk().is_some();
+    info!(vm = %vm.spec().name, %to, session = format_args!("{session:#018x}"), streams, has_disk, "starting outgoing migration");
 
-    let handshake = |step| {
-        move |source| OutgoingError::Handshake {
-            to: to.to_string(),
-            step,
-            source,
-        }
-    };
-    // The trace phase (arm the tracker, hash every page) runs while the destination
-    // prepares: it pre-faults its memory, which takes longer than hashing here.
     let mut tracker = make_tracker(vm.memory())?;
-    let trace_stop = AtomicBool::new(false);
-    let (handshake, traced) = std::thread::scope(|scope| {
-        let tracing = std::thread::Builder::new()
-            .name("ferry-trace".into())
-            .spawn_scoped(scope, || trace(vm.as_ref(), tracker.as_mut(), &trace_stop))
-            .map_err(|source| OutgoingError::Socket {
-                op: "spawning the trace thread",
-                source,
-            });
-        let handshake = (|| -> Result<_, OutgoingError> {
-            let mut control = connect(to)?;
-            write_message(
-                &mut control,
-                &Opening::MigrateIn(MigrateIn {
-                    session,
-                    spec,
-                    streams,
-                }),
-            )
-            .map_err(handshake("sending MigrateIn"))?;
-            let gib = spec_memory_gib(vm.spec().memory_bytes);
-            let accept_deadline =
-                Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
-            wait_readable(&control, accept_deadline, cancel, to)?;
-            set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
-            let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
-                .map_err(handshake("waiting for the answer to MigrateIn"))?
-            {
-                MigrateInReply::Accepted { prefault_ms } => prefault_ms,
-                MigrateInReply::Refused { reason } => {
-                    return Err(OutgoingError::Refused {
-                        to: to.into(),
-                        reason,
-                    })
-                }
-            };
-            let mut data = Vec::with_capacity(streams as usize);
-            for index in 0..streams {
-                if cancel.load(Ordering::SeqCst) {
-                    return Err(OutgoingError::Cancelled);
-                }
-                data.push(open_data_stream(to, session, index)?);
+    let (connected, trace) = if has_disk {
+        // With a disk the phases are ordered: bulk copy, then the trace, then pre-copy (the
+        // dirty set must start when memory pre-copy does, not before a long disk copy).
+        // The engine traces after the copy.
+        (handshake(vm, to, session, request, cancel)?, None)
+    } else {
+        // The trace phase (arm the tracker, hash every page) runs while the destination
+        // prepares: it pre-faults its memory, which takes longer than hashing here.
+        let trace_stop = AtomicBool::new(false);
+        let (connected, traced) = std::thread::scope(|scope| {
+            let tracing = std::thread::Builder::new()
+                .name("ferry-trace".into())
+                .spawn_scoped(scope, || trace(vm.as_ref(), tracker.as_mut(), &trace_stop))
+                .map_err(|source| OutgoingError::Socket {
+                    op: "spawning the trace thread",
+                    source,
+                });
+            let connected = handshake(vm, to, session, request, cancel);
+            if connected.is_err() {
+                trace_stop.store(true, Ordering::SeqCst);
             }
-            if cancel.load(Ordering::SeqCst) {
-                return Err(OutgoingError::Cancelled);
-            }
-            // The engine does its own waiting with deadlines; leftover socket timeouts would turn
-            // its blocking reads into spurious errors.
-            for stream in std::iter::once(&control).chain(&data) {
-                set_read_timeout(stream, None)?;
-                stream
-                    .set_write_timeout(None)
-                    .map_err(|source| OutgoingError::Socket {
-                        op: "clearing the write timeout",
-                        source,
-                    })?;
-            }
-
-            Ok((control, data, prefault_ms))
-        })();
-        if handshake.is_err() {
-            trace_stop.store(true, Ordering::SeqCst);
-        }
-        let traced = match tracing {
-            Ok(handle) => {
-                while !handle.is_finished() {
-                    if cancel.load(Ordering::SeqCst) {
-                        trace_stop.store(true, Ordering::SeqCst);
+            let traced = match tracing {
+                Ok(handle) => {
+                    while !handle.is_finished() {
+                        if cancel.load(Ordering::SeqCst) {
+                            trace_stop.store(true, Ordering::SeqCst);
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
                     }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                handle.join().unwrap_or_else(|_| {
-                    Err(EngineError::Protocol {
-                        reason: "the trace thread panicked".into(),
+                    handle.join().unwrap_or_else(|_| {
+                        Err(EngineError::Protocol {
+                            reason: "the trace thread panicked".into(),
+                        })
                     })
-                })
-            }
-            Err(e) => return (Err(e), Err(EngineError::Cancelled)),
-        };
-        (handshake, traced)
-    });
-    let (control, data, prefault_ms) = handshake?;
-    if cancel.load(Ordering::SeqCst) {
-        return Err(OutgoingError::Cancelled);
-    }
-    let trace = traced.map_err(OutgoingError::Engine)?;
-    info!(
-        trace_ms = trace.elapsed().as_secs_f64() * 1e3,
-        prefault_ms, "trace phase overlapped the destination's preparation"
-    );
+                }
+                Err(e) => return (Err(e), Err(EngineError::Cancelled)),
+            };
+            (connected, traced)
+        });
+        let connected = connected?;
+        if cancel.load(Ordering::SeqCst) {
+            return Err(OutgoingError::Cancelled);
+        }
+        let trace = traced.map_err(OutgoingError::Engine)?;
+        info!(
+            trace_ms = trace.elapsed().as_secs_f64() * 1e3,
+            prefault_ms = connected.prefault_ms,
+            "trace phase overlapped the destination's preparation"
+        );
+        (connected, Some(trace))
+    };
+    let Connected {
+        control,
+        data,
+        disk_lanes,
+        prefault_ms,
+    } = connected;
 
     let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
+    let disk_link = match disk_lanes {
+        Some((bulk, mirror)) => {
+            let sizes = vm.disks().iter().map(|d| d.size()).collect();
+            let link = TcpDiskSource::new(bulk, mirror, sizes, streams as usize)
+                .map_err(OutgoingError::Transport)?;
+            Some(Arc::new(link) as Arc<dyn DiskSource>)
+        }
+        None => None,
+    };
     let mut throttle = ProgressThrottle::new(PROGRESS_INTERVAL);
     let mut on_progress = |progress: &Progress| {
         if throttle.admit(progress, Instant::now()) {
@@ -263,6 +260,7 @@ fn migrate(
         guest: vm.as_ref(),
         tracker: tracker.as_mut(),
         trace,
+        disk_link,
         control,
         transport,
         params: &request.params,
@@ -276,6 +274,86 @@ fn migrate(
             message: panic_message(&panic),
         }),
     }
+}
+
+/// Proposes the migration to the destination agent and, once it accepted, opens the data
+/// streams: the memory streams, then (with a disk) the bulk and mirror lanes.
+fn handshake(
+    vm: &ReferenceVm,
+    to: &str,
+    session: u64,
+    request: &OutgoingRequest,
+    cancel: &AtomicBool,
+) -> Result<Connected, OutgoingError> {
+    let failed = |step| {
+        move |source| OutgoingError::Handshake {
+            to: to.to_string(),
+            step,
+            source,
+        }
+    };
+    let streams = request.params.streams as u32;
+    let opening = MigrateIn {
+        session,
+        spec: vm.spec().clone(),
+        streams,
+        direct_io: request.params.direct_io,
+        start_paused: request.params.start_paused,
+    };
+    let connections = opening.data_connections();
+    let mut control = connect(to)?;
+    write_message(&mut control, &Opening::MigrateIn(opening))
+        .map_err(failed("sending MigrateIn"))?;
+    let gib = spec_memory_gib(vm.spec().memory_bytes);
+    let accept_deadline = Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
+    wait_readable(&control, accept_deadline, cancel, to)?;
+    set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
+    let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
+        .map_err(failed("waiting for the answer to MigrateIn"))?
+    {
+        MigrateInReply::Accepted { prefault_ms } => prefault_ms,
+        MigrateInReply::Refused { reason } => {
+            return Err(OutgoingError::Refused {
+                to: to.into(),
+                reason,
+            })
+        }
+    };
+    let mut data = Vec::with_capacity(connections as usize);
+    for index in 0..connections {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(OutgoingError::Cancelled);
+        }
+        data.push(open_data_stream(to, session, index)?);
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return Err(OutgoingError::Cancelled);
+    }
+    // The engine does its own waiting with deadlines; leftover socket timeouts would turn
+    // its blocking reads into spurious errors.
+    for stream in std::iter::once(&control).chain(&data) {
+        set_read_timeout(stream, None)?;
+        stream
+            .set_write_timeout(None)
+            .map_err(|source| OutgoingError::Socket {
+                op: "clearing the write timeout",
+                source,
+            })?;
+    }
+    let disk_lanes = if connections > streams {
+        let mirror = data.pop().expect("a disk adds two connections");
+        let bulk = data.pop().expect("a disk adds two connections");
+        Some((bulk, mirror))
+    } else {
+        None
+    };
+    debug_assert_eq!(data.len(), streams as usize);
+    Ok(Connected {
+        control,
+        data,
+        disk_lanes,
+        prefault_ms,
+    })
 }
 
 /// Kernel write tracking where the host has it; otherwise every page every round (pre-copy

@@ -101,7 +101,7 @@ pub enum DiskError {
     },
     #[error("disk image {path}: already exists")]
     Exists { path: PathBuf },
-    #[error("disk image {path}: the filesystem refuses O_DIRECT ({source}); direct I/O is required (use --direct-io auto to fall back to buffered I/O)")]
+    #[error("disk image {path}: the filesystem refuses O_DIRECT; direct I/O is required (use --direct-io auto to fall back to buffered I/O)")]
     DirectIoRefused {
         path: PathBuf,
         source: std::io::Error,

@@ -330,10 +330,14 @@ fn receive(
             })
         }
     }
+    // From here the VM is this side's, whatever happens to the control channel: the source
+    // passed its commit point when it wrote Commit and will never run the VM again.
     if !start_paused {
         guest.resume()?;
     }
-    control.send(&ToSource::Resumed)?;
+    if let Err(error) = control.send(&ToSource::Resumed) {
+        warn!(%error, "could not confirm the resume to the source; the VM is ours (the source committed)");
+    }
     info!(
         pages_received,
         rounds = final_round + 1,

@@ -1,0 +1,204 @@
+//! Storage migration between two real agents on loopback: a VM whose disk lives only on the
+//! source moves to an agent that has never seen it, while its vCPUs keep writing memory and
+//! disk. Checked by content: the two images are compared byte for byte at the switch-over,
+//! and the destination replays the guest's program over every page and every disk block.
+
+use std::time::{Duration, Instant};
+
+use ferry_tests::{first_difference, Agent, SmallFs};
+use serde_json::Value;
+
+fn disk_steps(agent: &Agent, vm: &str) -> u64 {
+    let status = agent.json(&["vm", "status", vm]);
+    status["disk"]["total_steps"]
+        .as_u64()
+        .or_else(|| status["disk_total_steps"].as_u64())
+        .unwrap_or_else(|| panic!("no disk steps in {status}"))
+}
+
+fn assert_disk_advances(agent: &Agent, vm: &str) {
+    let before = disk_steps(agent, vm);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disk_steps(agent, vm) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{vm} does not write its disk on {}",
+            agent.addr
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn create(agent: &Agent, vm: &str, memory: &str, disk: &str, pattern: &str) -> Value {
+    agent.json(&[
+        "vm",
+        "create",
+        vm,
+        "--memory",
+        memory,
+        "--vcpus",
+        "2",
+        "--dirty-rate",
+        "20MB/s",
+        "--disk",
+        disk,
+        "--disk-write-rate",
+        "20MB/s",
+        "--disk-pattern",
+        pattern,
+    ])
+}
+
+/// 1 GiB of memory and a 2 GiB disk, both written at 20 MB/s with `pattern` on the disk,
+/// migrated with the destination left paused so that its image is the one of the
+/// switch-over; then resumed, and it keeps writing.
+fn migrate_disk_and_compare(pattern: &str) {
+    let (a, b) = (Agent::start(), Agent::start());
+    let vm = format!("disk-{pattern}");
+    create(&a, &vm, "1G", "2G", pattern);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_disk_advances(&a, &vm);
+    let report = a.json(&[
+        "migrate",
+        &vm,
+        "--to",
+        &b.addr,
+        "--streams",
+        "4",
+        "--paused",
+        "--keep-source-disks",
+    ]);
+    let disk = &report["disks"][0];
+    assert_eq!(disk["bytes"], 2u64 << 30, "{report}");
+    assert!(
+        disk["data_bytes"].as_u64().unwrap() + disk["zero_bytes"].as_u64().unwrap() == 2u64 << 30,
+        "the bulk copy covers the whole disk once: {disk}"
+    );
+    assert!(disk["copy_bytes_per_s"].as_f64().unwrap() > 0.0, "{disk}");
+    assert!(disk["mirrored_writes"].as_u64().is_some(), "{disk}");
+    assert!(disk["digest"].as_u64().is_some(), "{disk}");
+
+    assert!(!a.vm_names().contains(&vm), "the source still hosts {vm}");
+    // The source image is kept (--keep-source-disks) exactly as it was at the switch-over;
+    // the destination has not run yet (--paused): the two must be the same bytes.
+    let (source_image, destination_image) = (a.image_path(&vm), b.image_path(&vm));
+    assert_eq!(
+        first_difference(&source_image, &destination_image),
+        None,
+        "{} and {} differ",
+        source_image.display(),
+        destination_image.display()
+    );
+    let verify = b.verify(&vm);
+    assert_eq!(
+        verify["ok"], true,
+        "verify failed on the destination: {verify}"
+    );
+    assert_eq!(verify["disk_bytes_checked"], 2u64 << 30, "{verify}");
+    let status = b.json(&["vm", "status", &vm]);
+    assert_eq!(status["running"], false, "--paused: {status}");
+    b.json(&["vm", "resume", &vm]);
+    b.assert_running(&vm);
+    assert_disk_advances(&b, &vm);
+    let again = b.verify(&vm);
+    assert_eq!(again["ok"], true, "{again}");
+}
+
+#[test]
+fn one_gib_memory_two_gib_disk_random_writes() {
+    migrate_disk_and_compare("random");
+}
+
+#[test]
+fn one_gib_memory_two_gib_disk_sequential_writes() {
+    migrate_disk_and_compare("sequential");
+}
+
+#[test]
+fn one_gib_memory_two_gib_disk_hotset_writes() {
+    migrate_disk_and_compare("hotset");
+}
+
+#[test]
+fn without_paused_the_source_image_is_deleted_and_the_vm_runs_on() {
+    let (a, b) = (Agent::start(), Agent::start());
+    create(&a, "plain", "64M", "128M", "random");
+    a.json(&["migrate", "plain", "--to", &b.addr]);
+    assert!(
+        !a.image_path("plain").exists(),
+        "the source agent deletes the image it created"
+    );
+    assert!(b.image_path("plain").exists());
+    b.assert_running("plain");
+    assert_disk_advances(&b, "plain");
+    assert_eq!(b.verify("plain")["ok"], true);
+}
+
+#[test]
+fn a_destination_without_space_refuses_and_the_vm_stays_on_the_source() {
+    let Some(small) = SmallFs::mount(64) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let a = Agent::start();
+    let b = Agent::start_in(small.path());
+    create(&a, "too-big", "64M", "256M", "random");
+    let out = a.run(&["migrate", "too-big", "--to", &b.addr]);
+    assert!(!out.status.success(), "the migration must fail");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("free"),
+        "the error says how much room there is: {text}"
+    );
+    assert_eq!(a.vm_names(), vec!["too-big".to_string()]);
+    a.assert_running("too-big");
+    assert_disk_advances(&a, "too-big");
+    assert_eq!(a.verify("too-big")["ok"], true);
+    assert!(b.vm_names().is_empty());
+    assert!(
+        !b.image_path("too-big").exists(),
+        "no partial image left behind"
+    );
+}
+
+#[test]
+fn a_missing_source_disk_is_a_clear_error() {
+    let a = Agent::start();
+    let out = a.run(&[
+        "vm",
+        "create",
+        "ghost",
+        "--memory",
+        "64M",
+        "--disk",
+        "/nonexistent/ferry/disk.img",
+    ]);
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("/nonexistent/ferry/disk.img"),
+        "the error names the path: {text}"
+    );
+    assert!(a.vm_names().is_empty());
+}
+
+#[test]
+fn a_flipped_byte_in_the_destination_image_is_found_with_its_offset() {
+    let (a, b) = (Agent::start(), Agent::start());
+    create(&a, "flip", "64M", "64M", "sequential");
+    a.json(&["migrate", "flip", "--to", &b.addr, "--paused"]);
+    let image = b.image_path("flip");
+    let offset = 5 * (1 << 20) + 12345;
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[offset] ^= 0x40;
+    std::fs::write(&image, &bytes).unwrap();
+    let verify = b.verify("flip");
+    assert_eq!(verify["ok"], false, "{verify}");
+    assert_eq!(verify["mismatched_disk_blocks"], 1, "{verify}");
+    assert_eq!(
+        verify["first_disk_mismatches"][0]["offset"], offset as u64,
+        "{verify}"
+    );
+}
