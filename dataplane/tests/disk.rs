@@ -4,7 +4,7 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,14 +106,13 @@ fn guest_writes_into_the_chunk_being_copied_are_not_lost() {
     // slowed down so that the chunk in flight is hit many times.
     let spec = disk_spec("racing", 32, 0, 16, u64::MAX >> 20, DiskPattern::Sequential);
     let (vm, incoming) = boot_pair_with_disk(spec, dir.path());
-    let sent = Arc::new(AtomicU32::new(0));
-    let hooks = Hooks {
-        wrap_disk: Box::new({
-            let sent = Arc::clone(&sent);
-            move |inner| Arc::new(SlowDisk { inner, sent }) as Arc<dyn DiskSource>
+    let hooks = hooked(
+        Box::new(|inner, disk, offset, len, data| {
+            std::thread::sleep(Duration::from_millis(2));
+            inner.send_chunk(disk, offset, len, data)
         }),
-        ..Hooks::default()
-    };
+        pass_writes(),
+    );
     let params = MigrationParams {
         disk_chunk_bytes: 128 << 10,
         disk_queue_depth: 1,
@@ -132,44 +131,6 @@ fn guest_writes_into_the_chunk_being_copied_are_not_lost() {
     assert!(disk.mirrored_writes > 100, "{disk:?}");
     assert!(read_image(vm.disk().unwrap().image()) == read_image(incoming.disk().unwrap().image()));
     assert!(incoming.verify().unwrap().ok);
-}
-
-/// Delays every bulk chunk a little, so the copy is slow next to the guest.
-struct SlowDisk {
-    inner: Arc<dyn DiskSource>,
-    sent: Arc<AtomicU32>,
-}
-
-impl DiskSource for SlowDisk {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn send_chunk(
-        &self,
-        disk: u32,
-        offset: u64,
-        len: u32,
-        data: Option<&[u8]>,
-    ) -> Result<u32, TransportError> {
-        std::thread::sleep(Duration::from_millis(2));
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        self.inner.send_chunk(disk, offset, len, data)
-    }
-    fn send_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<u32, TransportError> {
-        self.inner.send_write(disk, offset, data)
-    }
-    fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
-        self.inner.wait(ticket, deadline)
-    }
-    fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
-        self.inner.poll(ticket)
-    }
-    fn bytes_sent(&self) -> u64 {
-        self.inner.bytes_sent()
-    }
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
 }
 
 /// A disk link whose requests go through a test's hook.

@@ -44,20 +44,33 @@ fn tune(stream: &TcpStream, index: usize) -> Result<(), TransportError> {
 }
 
 /// Tunes every stream and returns a handle per stream that `shutdown` closes, waking any
-/// thread blocked on it.
-fn prepare(streams: &[TcpStream]) -> Result<Vec<TcpStream>, TransportError> {
+/// thread blocked on it. `first` is the index of `streams[0]` in errors.
+pub(super) fn prepare(
+    streams: &[TcpStream],
+    first: usize,
+) -> Result<Vec<TcpStream>, TransportError> {
     streams
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            tune(s, i)?;
+            tune(s, first + i)?;
             s.try_clone().map_err(|source| TransportError::Io {
-                stream: i,
+                stream: first + i,
                 op: "cloning a socket",
                 source,
             })
         })
         .collect()
+}
+
+/// Closes `closers` (waking every thread blocked on them) and joins `receivers`.
+pub(super) fn stop(closers: &[TcpStream], receivers: &mut Vec<JoinHandle<()>>) {
+    for s in closers {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    for h in receivers.drain(..) {
+        let _ = h.join();
+    }
 }
 
 /// Source half over N TCP streams.
@@ -69,7 +82,7 @@ pub struct TcpSource {
 impl TcpSource {
     /// Takes connected streams; stream `i` must be the destination's stream `i`.
     pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
-        let closers = prepare(&streams)?;
+        let closers = prepare(&streams, 0)?;
         Ok(Self {
             streams: streams.into_iter().map(Mutex::new).collect(),
             closers,
@@ -190,7 +203,7 @@ pub struct TcpDestination {
 impl TcpDestination {
     /// Takes accepted streams; stream `i` must be the source's stream `i`.
     pub fn new(streams: Vec<TcpStream>) -> Result<Self, TransportError> {
-        let closers = prepare(&streams)?;
+        let closers = prepare(&streams, 0)?;
         Ok(Self {
             streams: streams.into_iter().map(Some).collect(),
             closers,
@@ -248,12 +261,7 @@ impl DestinationTransport for TcpDestination {
     }
 
     fn shutdown(&mut self) {
-        for s in &self.closers {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        for h in self.receivers.drain(..) {
-            let _ = h.join();
-        }
+        stop(&self.closers, &mut self.receivers);
     }
 }
 

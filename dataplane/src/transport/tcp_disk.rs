@@ -23,6 +23,7 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use super::ack::AckTable;
+use super::tcp::{prepare, stop};
 use super::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
 use crate::disk::{BlockRing, BLOCK_SIZE};
 use crate::memory::{page_hash, ZERO_PAGE_HASH};
@@ -86,19 +87,12 @@ impl TcpDiskSource {
         stream_base: usize,
     ) -> Result<Self, TransportError> {
         let acks = Arc::new(AckTable::default());
-        let mut closers = Vec::new();
+        let sockets = [bulk, mirror];
+        let closers = prepare(&sockets, stream_base)?;
         let mut readers = Vec::new();
-        for (lane, socket) in [&bulk, &mirror].into_iter().enumerate() {
+        for (lane, closer) in closers.iter().enumerate() {
             let stream = stream_base + lane;
-            socket
-                .set_nodelay(true)
-                .map_err(io_error(stream, "setting TCP_NODELAY"))?;
-            closers.push(
-                socket
-                    .try_clone()
-                    .map_err(io_error(stream, "cloning a socket"))?,
-            );
-            let mut reader = socket
+            let mut reader = closer
                 .try_clone()
                 .map_err(io_error(stream, "cloning a socket"))?;
             let acks = Arc::clone(&acks);
@@ -113,7 +107,7 @@ impl TcpDiskSource {
             readers.push(handle);
         }
         Ok(Self {
-            lanes: [Mutex::new(bulk), Mutex::new(mirror)],
+            lanes: sockets.map(Mutex::new),
             closers,
             acks,
             readers: Mutex::new(readers),
@@ -269,20 +263,10 @@ impl TcpDiskDestination {
         mirror: TcpStream,
         stream_base: usize,
     ) -> Result<Self, TransportError> {
-        let mut closers = Vec::new();
-        for (lane, socket) in [&bulk, &mirror].into_iter().enumerate() {
-            let stream = stream_base + lane;
-            socket
-                .set_nodelay(true)
-                .map_err(io_error(stream, "setting TCP_NODELAY"))?;
-            closers.push(
-                socket
-                    .try_clone()
-                    .map_err(io_error(stream, "cloning a socket"))?,
-            );
-        }
+        let sockets = [bulk, mirror];
+        let closers = prepare(&sockets, stream_base)?;
         Ok(Self {
-            sockets: vec![Some(bulk), Some(mirror)],
+            sockets: sockets.map(Some).into(),
             closers,
             receivers: Vec::new(),
             stream_base,
@@ -334,12 +318,7 @@ impl DiskDestination for TcpDiskDestination {
     }
 
     fn shutdown(&mut self) {
-        for s in &self.closers {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        for h in self.receivers.drain(..) {
-            let _ = h.join();
-        }
+        stop(&self.closers, &mut self.receivers);
     }
 }
 
