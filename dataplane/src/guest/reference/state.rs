@@ -248,33 +248,21 @@ fn check_consistent(state: &VmState) -> Result<(), GuestError> {
 pub fn check_compatible(spec: &VmSpec, state: &VmState) -> Result<(), GuestError> {
     let saved = &state.spec;
     let mut differences = Vec::new();
-    if saved.memory_bytes != spec.memory_bytes {
-        differences.push(format!(
-            "memory_bytes {} (this VM has {})",
-            saved.memory_bytes, spec.memory_bytes
-        ));
-    }
-    if saved.vcpus != spec.vcpus {
-        differences.push(format!(
-            "vcpus {} (this VM has {})",
-            saved.vcpus, spec.vcpus
-        ));
-    }
-    if saved.seed != spec.seed {
-        differences.push(format!("seed {} (this VM has {})", saved.seed, spec.seed));
-    }
-    if saved.pattern != spec.pattern {
-        differences.push(format!(
-            "pattern {} (this VM has {})",
-            saved.pattern, spec.pattern
-        ));
-    }
-    if saved.fill_percent != spec.fill_percent {
-        differences.push(format!(
-            "fill_percent {} (this VM has {})",
-            saved.fill_percent, spec.fill_percent
-        ));
-    }
+    note(
+        &mut differences,
+        "memory_bytes",
+        &saved.memory_bytes,
+        &spec.memory_bytes,
+    );
+    note(&mut differences, "vcpus", &saved.vcpus, &spec.vcpus);
+    note(&mut differences, "seed", &saved.seed, &spec.seed);
+    note(&mut differences, "pattern", &saved.pattern, &spec.pattern);
+    note(
+        &mut differences,
+        "fill_percent",
+        &saved.fill_percent,
+        &spec.fill_percent,
+    );
     differences.extend(disk_differences(saved.disk.as_ref(), spec.disk.as_ref()));
     if differences.is_empty() {
         Ok(())
@@ -283,6 +271,18 @@ pub fn check_compatible(spec: &VmSpec, state: &VmState) -> Result<(), GuestError
             "state was saved by a different VM: {}",
             differences.join(", ")
         )))
+    }
+}
+
+/// Adds "`what` saved (this VM has ours)" when the two differ.
+fn note<T: PartialEq + std::fmt::Display>(
+    differences: &mut Vec<String>,
+    what: &str,
+    saved: &T,
+    ours: &T,
+) {
+    if saved != ours {
+        differences.push(format!("{what} {saved} (this VM has {ours})"));
     }
 }
 
@@ -305,24 +305,19 @@ fn disk_differences(saved: Option<&DiskSpec>, ours: Option<&DiskSpec>) -> Vec<St
         }
     };
     let mut differences = Vec::new();
-    if saved.bytes != ours.bytes {
-        differences.push(format!(
-            "disk bytes {} (this VM has {})",
-            saved.bytes, ours.bytes
-        ));
-    }
-    if saved.pattern != ours.pattern {
-        differences.push(format!(
-            "disk pattern {} (this VM has {})",
-            saved.pattern, ours.pattern
-        ));
-    }
-    if saved.fill_percent != ours.fill_percent {
-        differences.push(format!(
-            "disk fill_percent {} (this VM has {})",
-            saved.fill_percent, ours.fill_percent
-        ));
-    }
+    note(&mut differences, "disk bytes", &saved.bytes, &ours.bytes);
+    note(
+        &mut differences,
+        "disk pattern",
+        &saved.pattern,
+        &ours.pattern,
+    );
+    note(
+        &mut differences,
+        "disk fill_percent",
+        &saved.fill_percent,
+        &ours.fill_percent,
+    );
     differences
 }
 
