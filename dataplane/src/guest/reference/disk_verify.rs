@@ -185,14 +185,16 @@ pub fn verify(
 }
 
 /// Writes the boot content into every filled extent of `disk`, in parallel; the others are
-/// left alone (a fresh image reads as zero).
+/// left alone (a fresh image reads as zero). Straight to the image: this is the disk as it
+/// was before the guest ran, not guest I/O (it is not mirrored, nor counted in the guest's
+/// write latency).
 pub fn write_boot_content(program: &DiskProgram, disk: &VirtualDisk) -> Result<(), DiskError> {
     let extents = program.extents();
     in_parallel(extents, threads_for_extents(extents), |extents| {
         let mut buf = AlignedBuf::new_zeroed(DISK_EXTENT_BYTES as usize);
         for extent in extents.filter(|&e| program.is_extent_filled(e)) {
             program.fill_boot_extent(extent, &mut buf);
-            disk.write_at(extent * DISK_EXTENT_BYTES, &buf)?;
+            disk.image().write_at(&buf, extent * DISK_EXTENT_BYTES)?;
         }
         Ok(())
     })
