@@ -24,6 +24,8 @@ use crate::transport::DiskSource;
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks sent but not yet acknowledged, per unit of queue depth.
 const WINDOW_PER_DEPTH: usize = 2;
+/// How often the bulk copy's watcher looks at the cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// How often the bulk copy reports progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -165,6 +167,41 @@ impl DiskSession {
     /// The bulk copy of every disk, one after the other. `progress` gets the per-disk view
     /// a few times per second.
     pub(super) fn bulk_copy(
+        &mut self,
+        params: &MigrationParams,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Vec<DiskProgress>),
+    ) -> Result<(), EngineError> {
+        // A send blocked on a peer that stopped reading would not see the cancel flag: a
+        // watcher closes the links when it is set, which fails the blocked call.
+        let copying = AtomicBool::new(true);
+        let link = self.link.clone();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while copying.load(Ordering::Relaxed) {
+                    if cancel.load(Ordering::Relaxed) {
+                        if let Some(link) = &link {
+                            link.shutdown();
+                        }
+                        return;
+                    }
+                    std::thread::sleep(CANCEL_POLL);
+                }
+            });
+            let result = self.copy_disks(params, cancel, progress);
+            copying.store(false, Ordering::Relaxed);
+            result
+        })
+        .map_err(|e| {
+            if cancel.load(Ordering::Relaxed) {
+                EngineError::Cancelled
+            } else {
+                e
+            }
+        })
+    }
+
+    fn copy_disks(
         &mut self,
         params: &MigrationParams,
         cancel: &AtomicBool,
