@@ -44,3 +44,101 @@ impl CpuTime {
         (user + system).as_secs_f64()
     }
 }
+
+/// Clock ticks per second of the times in `/proc/.../stat` (`sysconf(_SC_CLK_TCK)`).
+fn ticks_per_s() -> f64 {
+    // SAFETY: sysconf takes no pointers; _SC_CLK_TCK is a valid name on Linux.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// The command name and user + system CPU seconds of a `/proc/<pid>/stat` or
+/// `/proc/<pid>/task/<tid>/stat` line. The name is between the first `(` and the *last* `)`
+/// (it may itself contain parentheses); utime and stime are fields 14 and 15.
+fn parse_stat(line: &str) -> Option<(String, f64)> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let name = line.get(open + 1..close)?.to_string();
+    // Fields after the name start at field 3 (state).
+    let rest: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((name, (utime + stime) as f64 / ticks_per_s()))
+}
+
+/// User + system CPU seconds of another process (all its threads), from `/proc/<pid>/stat`;
+/// `None` once it has gone. Resolution: one clock tick (10 ms).
+pub fn process_seconds(pid: u32) -> Option<f64> {
+    let line = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&line).map(|(_, s)| s)
+}
+
+/// CPU seconds of every thread of this process, by thread id, with the thread's name.
+pub fn thread_seconds() -> std::collections::BTreeMap<u32, (String, f64)> {
+    let mut threads = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A thread that ended between the listing and the read is simply left out.
+        if let Ok(line) = std::fs::read_to_string(task.path().join("stat")) {
+            if let Some(entry) = parse_stat(&line) {
+                threads.insert(tid, entry);
+            }
+        }
+    }
+    threads
+}
+
+/// CPU seconds each thread name spent between two [`thread_seconds`] snapshots (threads
+/// born in between count from zero), busiest first.
+pub fn thread_deltas(
+    before: &std::collections::BTreeMap<u32, (String, f64)>,
+    after: &std::collections::BTreeMap<u32, (String, f64)>,
+) -> Vec<(String, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, f64> = Default::default();
+    for (tid, (name, seconds)) in after {
+        let earlier = before.get(tid).map_or(0.0, |(_, s)| *s);
+        // The kernel names an io_uring worker after the thread whose request it serves:
+        // "iou-wrk-<tid>". Name the thread instead, so the work is attributed to it.
+        let name = match name
+            .strip_prefix("iou-wrk-")
+            .and_then(|t| t.parse::<u32>().ok())
+            .and_then(|owner| after.get(&owner).or_else(|| before.get(&owner)))
+        {
+            Some((owner, _)) => format!("iou-wrk({owner})"),
+            None => name.clone(),
+        };
+        *by_name.entry(name).or_default() += (seconds - earlier).max(0.0);
+    }
+    let mut v: Vec<(String, f64)> = by_name.into_iter().filter(|(_, s)| *s > 0.0).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_names_parse() {
+        let line =
+            "1234 (qemu (x) d) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 5 0 0";
+        let (name, seconds) = parse_stat(line).unwrap();
+        assert_eq!(name, "qemu (x) d");
+        assert!((seconds - 300.0 / ticks_per_s()).abs() < 1e-9);
+        assert!(process_seconds(std::process::id()).is_some());
+        assert!(!thread_seconds().is_empty());
+    }
+}

@@ -13,23 +13,24 @@ pub struct Link {
     pub destination_data: Vec<TcpStream>,
 }
 
-impl Link {
-    pub fn loopback(streams: usize) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
-        let addr = listener.local_addr()?;
-        let pair = || -> anyhow::Result<(TcpStream, TcpStream)> {
+/// `count` connected loopback TCP pairs: (connecting end, accepted end).
+pub fn loopback_pairs(count: usize) -> anyhow::Result<Vec<(TcpStream, TcpStream)>> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let addr = listener.local_addr()?;
+    (0..count)
+        .map(|_| {
             let a = TcpStream::connect(addr).context("connecting on loopback")?;
             let (b, _) = listener.accept().context("accepting on loopback")?;
             Ok((a, b))
-        };
-        let (source_control, destination_control) = pair()?;
-        let mut source_data = Vec::with_capacity(streams);
-        let mut destination_data = Vec::with_capacity(streams);
-        for _ in 0..streams {
-            let (a, b) = pair()?;
-            source_data.push(a);
-            destination_data.push(b);
-        }
+        })
+        .collect()
+}
+
+impl Link {
+    pub fn loopback(streams: usize) -> anyhow::Result<Self> {
+        let mut pairs = loopback_pairs(1 + streams)?.into_iter();
+        let (source_control, destination_control) = pairs.next().expect("1 + streams pairs");
+        let (source_data, destination_data) = pairs.unzip();
         Ok(Self {
             source_control,
             source_data,

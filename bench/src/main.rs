@@ -7,7 +7,10 @@
 //! - `memory`: a whole migration (reference VM, uffd-wp tracker, TCP on loopback, verify)
 //!   against raw TCP moving the same bytes over the same streams.
 //! - `tracking`: the guest's step rate with kernel dirty tracking on against off.
-//! - `all`: both, with defaults.
+//! - `disk`: the storage path: bulk copy against a raw io_uring read of the same image,
+//!   guest write latency with and without a mirror, and QEMU's blockdev-mirror when
+//!   `qemu-storage-daemon` is installed.
+//! - `all`: all three, with defaults.
 //!
 //! Tables go to stdout (`--json` for machine-readable results), progress to stderr.
 
@@ -18,8 +21,12 @@ use ferry_dataplane::units::parse_size;
 use serde::Serialize;
 
 mod cpu;
+mod disk;
+mod disk_latency;
+mod disk_migration;
 mod link;
 mod memory;
+mod qemu;
 mod report;
 mod tracking;
 
@@ -46,7 +53,9 @@ enum Command {
     Memory(MemoryArgs),
     /// vCPU step rate with dirty tracking on against off.
     Tracking(TrackingArgs),
-    /// Both, with their defaults.
+    /// Disk bulk copy vs raw read, write latency with/without mirror, vs QEMU blockdev-mirror.
+    Disk(DiskArgs),
+    /// All of them, with their defaults.
     All,
 }
 
@@ -120,6 +129,45 @@ impl Default for TrackingArgs {
     }
 }
 
+#[derive(Args, Debug)]
+struct DiskArgs {
+    /// Size of the source image (filled with non-zero content once per run).
+    #[arg(long, default_value = "2G", value_parser = parse_size_arg)]
+    disk_size: u64,
+    /// io_uring queue depths of the bulk-copy rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = clap::value_parser!(u32).range(1..=256))]
+    queue_depths: Vec<u32>,
+    /// Chunk sizes of the bulk-copy rows (multiples of 4K in 128K..=8M).
+    #[arg(long, value_delimiter = ',', default_value = "128K,1M", value_parser = parse_size_arg)]
+    chunks: Vec<u64>,
+    /// Guest write rate of the latency table, in MB/s (MiB/s) over both writer threads.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    write_rate: u64,
+    /// Length of each latency measurement.
+    #[arg(long, default_value_t = 3.0)]
+    write_seconds: f64,
+    /// Directory for the source images: a real disk, read with O_DIRECT.
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+    /// Directory for the destination images (tmpfs: this host's disk is not what is measured).
+    #[arg(long, default_value = "/dev/shm")]
+    destination_dir: std::path::PathBuf,
+}
+
+impl Default for DiskArgs {
+    fn default() -> Self {
+        Self {
+            disk_size: 2 << 30,
+            queue_depths: vec![1, 8, 32],
+            chunks: vec![128 << 10, 1 << 20],
+            write_rate: 20,
+            write_seconds: 3.0,
+            dir: ".".into(),
+            destination_dir: "/dev/shm".into(),
+        }
+    }
+}
+
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
@@ -132,6 +180,8 @@ struct Results {
     memory: Option<memory::MemoryResults>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tracking: Option<tracking::TrackingResults>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<disk::DiskResults>,
 }
 
 /// Where the numbers came from.
@@ -164,10 +214,15 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     let repeat = cli.repeat as usize;
-    let (memory_args, tracking_args) = match cli.command {
-        Command::Memory(m) => (Some(m), None),
-        Command::Tracking(t) => (None, Some(t)),
-        Command::All => (Some(MemoryArgs::default()), Some(TrackingArgs::default())),
+    let (memory_args, tracking_args, disk_args) = match cli.command {
+        Command::Memory(m) => (Some(m), None, None),
+        Command::Tracking(t) => (None, Some(t), None),
+        Command::Disk(d) => (None, None, Some(d)),
+        Command::All => (
+            Some(MemoryArgs::default()),
+            Some(TrackingArgs::default()),
+            Some(DiskArgs::default()),
+        ),
     };
     let mut results = Results {
         host: Host::probe(),
@@ -223,8 +278,51 @@ fn main() -> anyhow::Result<()> {
         }
         results.tracking = Some(r);
     }
+    if let Some(d) = disk_args {
+        let config = disk_config(d, repeat)?;
+        let r = disk::run(&config).context("disk benchmark")?;
+        if !cli.json {
+            disk::print(&r);
+        }
+        results.disk = Some(r);
+    }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
     Ok(())
+}
+
+/// Checks `ferry-bench disk`'s arguments before anything is created.
+fn disk_config(d: DiskArgs, repeat: usize) -> anyhow::Result<disk::DiskConfig> {
+    use ferry_dataplane::disk::{BLOCK_SIZE, CHUNK_BYTES_MAX};
+    use ferry_dataplane::engine::DISK_CHUNK_BYTES_MIN;
+    anyhow::ensure!(
+        !d.queue_depths.is_empty() && !d.chunks.is_empty(),
+        "--queue-depths and --chunks need at least one value each"
+    );
+    anyhow::ensure!(
+        d.disk_size >= 1 << 20 && d.disk_size.is_multiple_of(1 << 20),
+        "--disk-size must be a non-zero multiple of 1 MiB"
+    );
+    for &chunk in &d.chunks {
+        anyhow::ensure!(
+            (u64::from(DISK_CHUNK_BYTES_MIN)..=CHUNK_BYTES_MAX as u64).contains(&chunk)
+                && chunk.is_multiple_of(BLOCK_SIZE as u64),
+            "--chunks: {chunk} must be a multiple of 4 KiB in {DISK_CHUNK_BYTES_MIN}..={CHUNK_BYTES_MAX} bytes"
+        );
+    }
+    anyhow::ensure!(
+        d.write_seconds.is_finite() && (0.2..=600.0).contains(&d.write_seconds),
+        "--write-seconds must be in 0.2..=600"
+    );
+    Ok(disk::DiskConfig {
+        disk_bytes: d.disk_size,
+        queue_depths: d.queue_depths,
+        chunks_bytes: d.chunks.iter().map(|&c| c as u32).collect(),
+        write_rate_mb_per_s: d.write_rate,
+        write_seconds: d.write_seconds,
+        source_dir: d.dir,
+        destination_dir: d.destination_dir,
+        repeat,
+    })
 }

@@ -168,6 +168,7 @@ fn run_cell(
         pattern: config.pattern,
         seed: 42,
         fill_percent: 100,
+        disk: None,
     };
     let params = MigrationParams {
         streams: config.streams,
@@ -296,6 +297,9 @@ fn migrate_into(
                 guest: incoming,
                 control: destination_control,
                 transport: Box::new(transport),
+                disk_transport: None,
+                fresh_disks: false,
+                start_paused: false,
                 cancel: &destination_cancel,
             })?)
         });
@@ -311,7 +315,8 @@ fn migrate_into(
                 SourceContext {
                     guest: source,
                     tracker: &mut tracker,
-                    trace,
+                    trace: Some(trace),
+                    disk_link: None,
                     control: source_control,
                     transport,
                     params,

@@ -169,6 +169,7 @@ impl Subject {
             pattern,
             seed: 7,
             fill_percent: 100,
+            disk: None,
         })
         .context("booting the tracking guest")?;
         std::thread::sleep(WARM_UP);
