@@ -208,6 +208,13 @@ impl BlockRing {
     }
 
     /// The ring buffers are registered with the kernel (fixed-buffer reads and writes).
+    /// The ring's file descriptor: it polls readable while completions are waiting, so a
+    /// thread can wait for a socket and its disk writes at once.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+
     pub fn registered(&self) -> bool {
         self.registered
     }

@@ -367,8 +367,7 @@ impl LaneReceiver {
             // on the socket while writes are in flight and nothing has arrived: the source
             // may be waiting for exactly those acknowledgements.
             self.reap(socket, 0)?;
-            if self.ring.in_flight() > 0 && !readable_now(socket) {
-                self.reap(socket, 1)?;
+            if self.ring.in_flight() > 0 && !wait_readable(socket, self.ring.as_raw_fd()) {
                 continue;
             }
             match read_exact_or_truncated(socket, &mut header, "disk frame header") {
@@ -490,26 +489,28 @@ impl LaneReceiver {
             .ring
             .complete(min)
             .map_err(|source| TransportError::Disk { stream, source })?;
+        // One write for all the acknowledgements of this batch.
+        let mut acks: Vec<u8> = Vec::with_capacity(done.len() * FRAME_HEADER_LEN);
+        let mut failure = None;
         for completion in done {
             let index = completion.user_data as usize;
             let Some(flight) = self.slots.get_mut(index).and_then(Option::take) else {
                 continue;
             };
             self.free.push(index);
-            match completion.result {
+            let status = match completion.result {
                 Ok(_) => {
                     let digest = &self.disks[flight.disk as usize].digest;
                     let delta = flight.hashes.iter().enumerate().fold(0u64, |acc, (i, &h)| {
                         acc.wrapping_add(digest.record(flight.first_block + i, h))
                     });
                     digest.apply(delta);
-                    self.ack(socket, flight.disk, flight.id, ACK_OK)?;
+                    ACK_OK
                 }
                 Err(source) => {
                     let errno = source.raw_os_error().unwrap_or(libc::EIO) as u32;
-                    let _ = self.ack(socket, flight.disk, flight.id, errno);
                     let image = &self.disks[flight.disk as usize].image;
-                    return Err(TransportError::Disk {
+                    failure.get_or_insert(TransportError::Disk {
                         stream,
                         source: crate::disk::DiskError::Io {
                             path: image.path().to_path_buf(),
@@ -518,10 +519,27 @@ impl LaneReceiver {
                             source,
                         },
                     });
+                    errno
                 }
-            }
+            };
+            acks.extend_from_slice(
+                &DiskFrame::Ack {
+                    disk: flight.disk,
+                    id: flight.id,
+                    status,
+                }
+                .encode(),
+            );
         }
-        Ok(())
+        let sent = if acks.is_empty() {
+            Ok(())
+        } else {
+            write_frame(socket, &acks, &[], stream)
+        };
+        match failure {
+            Some(error) => Err(error),
+            None => sent,
+        }
     }
 
     fn ack(
@@ -540,18 +558,32 @@ impl LaneReceiver {
     }
 }
 
-/// True when `socket` has bytes (or an end of stream) to read right now.
-fn readable_now(socket: &TcpStream) -> bool {
+/// Longest wait for the socket or a completion before looking again (a safety net: either
+/// one waking the thread is the normal case).
+const WAIT_SLICE_MS: i32 = 10;
+
+/// Waits until `socket` has bytes (or an end of stream) to read, or the ring `ring_fd` has
+/// completions; true when the socket is readable. Waiting on both at once means neither a
+/// frame nor a finished write waits for the other.
+fn wait_readable(socket: &TcpStream, ring_fd: std::os::fd::RawFd) -> bool {
     use std::os::fd::AsRawFd;
-    let mut pollfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is one valid, initialised pollfd that lives across the call; a
-    // timeout of 0 makes it a non-blocking check. The fd stays open (borrowed from socket).
-    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
-    ready != 0
+    let mut fds = [
+        libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ring_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is an array of two valid, initialised pollfds that lives across the
+    // call, and its length is passed; both descriptors stay open (borrowed from the socket
+    // and the ring the caller holds).
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, WAIT_SLICE_MS) };
+    ready > 0 && fds[0].revents != 0
 }
 
 fn lane_name(lane: usize) -> &'static str {
