@@ -764,31 +764,40 @@ pub fn read_linear<E: From<DiskError>>(
         ))
         .into());
     }
+    // Reads in flight: the queue depth. Buffers beyond it let the next read be queued
+    // before a completed chunk is handed over, so reading overlaps the caller's work.
     let depth = (ring.queue_depth() as usize).min(ring.buffer_count());
     // Buffer i reads the piece at `offsets[i]`; the user_data of its read is i.
-    let mut offsets = vec![0u64; depth];
-    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut offsets = vec![0u64; ring.buffer_count()];
+    let mut free: Vec<usize> = (0..ring.buffer_count()).rev().collect();
     let mut next = range.start;
     let mut total = 0u64;
     let mut first_error: Option<E> = None;
     let started = Instant::now();
-    loop {
-        while first_error.is_none() && next < range.end {
+    // Claims and queues reads until `depth` are in flight (or the range is done).
+    let mut queue_reads = |ring: &mut BlockRing,
+                           free: &mut Vec<usize>,
+                           offsets: &mut [u64],
+                           first_error: &mut Option<E>| {
+        while first_error.is_none() && next < range.end && ring.in_flight() < depth {
             let Some(index) = free.pop() else { break };
             let len = (range.end - next).min(chunk as u64) as usize;
             if let Err(e) = claim(next, len) {
-                first_error = Some(e);
+                *first_error = Some(e);
                 free.push(index);
                 break;
             }
             if let Err(e) = ring.read(image, index, next, len, index as u64) {
-                first_error = Some(e.into());
+                *first_error = Some(e.into());
                 free.push(index);
                 break;
             }
             offsets[index] = next;
             next += len as u64;
         }
+    };
+    loop {
+        queue_reads(ring, &mut free, &mut offsets, &mut first_error);
         if ring.in_flight() == 0 {
             break;
         }
@@ -801,10 +810,12 @@ pub fn read_linear<E: From<DiskError>>(
         };
         for c in completions {
             let index = c.user_data as usize;
-            free.push(index);
             if first_error.is_some() {
+                free.push(index);
                 continue;
             }
+            // Keep the disk busy while this chunk is handed over.
+            queue_reads(ring, &mut free, &mut offsets, &mut first_error);
             match c.result {
                 Ok(len) => {
                     let bytes = &ring.buffers[index][..len];
@@ -825,6 +836,7 @@ pub fn read_linear<E: From<DiskError>>(
                     )
                 }
             }
+            free.push(index);
         }
     }
     if let Some(e) = first_error {

@@ -243,7 +243,9 @@ impl DiskSession {
         let image = disk.image();
         let chunk = params.disk_chunk_bytes as usize;
         let depth = params.disk_queue_depth;
-        let mut ring = BlockRing::new(depth, depth as usize, chunk)?;
+        // One buffer more than the queue depth: the next read is queued before a chunk is
+        // hashed and sent, so the disk never idles while this thread works.
+        let mut ring = BlockRing::new(depth, depth as usize + 1, chunk)?;
         let registered = ring.registered();
         let link = self.link.as_deref().ok_or_else(|| EngineError::BadParams {
             reason: "a disk session without a disk link".into(),
