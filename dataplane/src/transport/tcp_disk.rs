@@ -593,3 +593,255 @@ fn lane_name(lane: usize) -> &'static str {
         "mirror"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::disk::{AlignedBuf, DirectIo, DiskImage};
+    use crate::memory::MemoryDigest;
+    use crate::wire::WireError;
+
+    const SIZE: u64 = 4 << 20;
+    const CHUNK: usize = 128 << 10;
+
+    fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        (a, b)
+    }
+
+    /// A destination on a fresh image, and the raw source ends of its two lanes.
+    struct Harness {
+        bulk: TcpStream,
+        mirror: TcpStream,
+        image: Arc<DiskImage>,
+        digest: Arc<MemoryDigest>,
+        events: crossbeam_channel::Receiver<ReceiveEvent>,
+        _destination: TcpDiskDestination,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let image =
+            Arc::new(DiskImage::create(&dir.path().join("d.img"), SIZE, DirectIo::Auto).unwrap());
+        let digest = Arc::new(MemoryDigest::new_zeroed(
+            (SIZE / BLOCK_SIZE as u64) as usize,
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (bulk, bulk_rx) = pair(&listener);
+        let (mirror, mirror_rx) = pair(&listener);
+        let mut destination = TcpDiskDestination::new(bulk_rx, mirror_rx, 4).unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let landing = vec![LandingDisk {
+            image: Arc::clone(&image),
+            digest: Arc::clone(&digest),
+            fresh: true,
+        }];
+        destination.start(landing, CHUNK, 4, tx).unwrap();
+        Harness {
+            bulk,
+            mirror,
+            image,
+            digest,
+            events,
+            _destination: destination,
+            _dir: dir,
+        }
+    }
+
+    fn ack(socket: &mut TcpStream) -> DiskFrame {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket.read_exact(&mut header).unwrap();
+        DiskFrame::decode(&header, &[SIZE]).unwrap()
+    }
+
+    fn failure(h: &Harness) -> TransportError {
+        match h
+            .events
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a failure event")
+        {
+            ReceiveEvent::Failed { error, .. } => error,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    fn send(socket: &mut TcpStream, frame: DiskFrame, payload: &[u8]) {
+        write_frame(socket, &frame.encode(), payload, 0).unwrap();
+    }
+
+    #[test]
+    fn chunks_and_writes_land_are_hashed_and_acknowledged() {
+        let mut h = harness();
+        let data: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8 + 1).collect();
+        send(
+            &mut h.bulk,
+            DiskFrame::Chunk {
+                disk: 0,
+                id: 7,
+                offset: 0,
+                len: CHUNK as u32,
+            },
+            &data,
+        );
+        assert_eq!(
+            ack(&mut h.bulk),
+            DiskFrame::Ack {
+                disk: 0,
+                id: 7,
+                status: ACK_OK
+            }
+        );
+        send(
+            &mut h.mirror,
+            DiskFrame::Write {
+                disk: 0,
+                id: 8,
+                offset: 4096,
+                len: 4096,
+            },
+            &[9u8; 4096],
+        );
+        assert_eq!(
+            ack(&mut h.mirror),
+            DiskFrame::Ack {
+                disk: 0,
+                id: 8,
+                status: ACK_OK
+            }
+        );
+        send(
+            &mut h.bulk,
+            DiskFrame::Zero {
+                disk: 0,
+                id: 9,
+                offset: SIZE - CHUNK as u64,
+                len: CHUNK as u32,
+            },
+            &[],
+        );
+        assert_eq!(
+            ack(&mut h.bulk),
+            DiskFrame::Ack {
+                disk: 0,
+                id: 9,
+                status: ACK_OK
+            }
+        );
+        let mut on_disk = AlignedBuf::new_zeroed(CHUNK);
+        h.image.read_at(&mut on_disk, 0).unwrap();
+        let mut expected = data.clone();
+        expected[4096..8192].fill(9);
+        assert!(on_disk[..] == expected[..]);
+        // The digest says exactly what landed.
+        let reference = MemoryDigest::new_zeroed((SIZE / BLOCK_SIZE as u64) as usize);
+        for (i, block) in expected.chunks(BLOCK_SIZE).enumerate() {
+            reference.record_now(i, page_hash(block));
+        }
+        assert_eq!(h.digest.value(), reference.value());
+    }
+
+    #[test]
+    fn a_frame_on_the_wrong_lane_is_refused() {
+        let mut h = harness();
+        send(
+            &mut h.bulk,
+            DiskFrame::Write {
+                disk: 0,
+                id: 1,
+                offset: 0,
+                len: 4096,
+            },
+            &[1u8; 4096],
+        );
+        assert!(matches!(
+            failure(&h),
+            TransportError::UnexpectedDiskFrame { .. }
+        ));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_announced_chunk_is_refused_before_its_payload() {
+        let mut h = harness();
+        let len = 2 * CHUNK as u32;
+        write_frame(
+            &mut h.mirror,
+            &DiskFrame::Write {
+                disk: 0,
+                id: 1,
+                offset: 0,
+                len,
+            }
+            .encode(),
+            &[],
+            0,
+        )
+        .unwrap();
+        assert!(
+            matches!(failure(&h), TransportError::DiskRequestTooLarge { len: l, .. } if l == len)
+        );
+        assert!(
+            h.digest.value()
+                == MemoryDigest::new_zeroed((SIZE / BLOCK_SIZE as u64) as usize).value()
+        );
+    }
+
+    #[test]
+    fn a_block_beyond_the_end_of_the_disk_is_refused() {
+        let mut h = harness();
+        write_frame(
+            &mut h.bulk,
+            &DiskFrame::Chunk {
+                disk: 0,
+                id: 1,
+                offset: SIZE,
+                len: 4096,
+            }
+            .encode(),
+            &[],
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            failure(&h),
+            TransportError::Wire {
+                source: WireError::DiskOutOfRange { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_payload_cut_short_is_an_error_not_a_hang() {
+        let mut h = harness();
+        write_frame(
+            &mut h.bulk,
+            &DiskFrame::Chunk {
+                disk: 0,
+                id: 1,
+                offset: 0,
+                len: 8192,
+            }
+            .encode(),
+            &[1u8; 100],
+            0,
+        )
+        .unwrap();
+        h.bulk.shutdown(Shutdown::Write).unwrap();
+        assert!(matches!(
+            failure(&h),
+            TransportError::Wire {
+                source: WireError::Truncated { .. },
+                ..
+            }
+        ));
+    }
+}
