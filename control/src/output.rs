@@ -213,27 +213,15 @@ pub fn render_verify(name: &str, report: &VerifyReport) -> String {
         report.mismatched_pages,
         report.steps
     );
-    if !report.first_mismatches.is_empty() {
-        let _ = writeln!(
-            out,
-            "  {:>10}  {:>18}  {:>8}  {:>5}",
-            "PAGE", "ADDRESS", "EXPECTED", "FOUND"
-        );
-        for m in &report.first_mismatches {
-            let _ = writeln!(
-                out,
-                "  {:>10}  {:#018x}  {:>#8x}  {:>#5x}",
-                m.page, m.addr, m.expected, m.found
-            );
-        }
-        if report.mismatched_pages > report.first_mismatches.len() as u64 {
-            let _ = writeln!(
-                out,
-                "  … and {} more pages",
-                report.mismatched_pages - report.first_mismatches.len() as u64
-            );
-        }
-    }
+    render_mismatches(
+        &mut out,
+        ("PAGE", "ADDRESS", "pages"),
+        report
+            .first_mismatches
+            .iter()
+            .map(|m| (m.page, m.addr, m.expected, m.found)),
+        report.mismatched_pages,
+    );
     for r in &report.register_mismatches {
         let _ = writeln!(
             out,
@@ -247,6 +235,35 @@ pub fn render_verify(name: &str, report: &VerifyReport) -> String {
     out
 }
 
+/// The listed mismatches as a table, `(unit, address, expected, found)` per row, and how
+/// many more there are of `total`. `labels`: unit column, address column, plural noun.
+fn render_mismatches(
+    out: &mut String,
+    labels: (&str, &str, &str),
+    rows: impl Iterator<Item = (u64, u64, u8, u8)>,
+    total: u64,
+) {
+    let (unit, address, plural) = labels;
+    let mut listed = 0u64;
+    for (i, (number, addr, expected, found)) in rows.enumerate() {
+        if i == 0 {
+            let _ = writeln!(
+                out,
+                "  {unit:>10}  {address:>18}  {:>8}  {:>5}",
+                "EXPECTED", "FOUND"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {number:>10}  {addr:#018x}  {expected:>#8x}  {found:>#5x}"
+        );
+        listed += 1;
+    }
+    if listed > 0 && total > listed {
+        let _ = writeln!(out, "  … and {} more {plural}", total - listed);
+    }
+}
+
 /// The disk part of a verify report: bytes checked, mismatched blocks with the byte offset
 /// of their first differing byte, and disk lanes whose registers differ.
 fn render_disk_verify(out: &mut String, report: &VerifyReport) {
@@ -258,28 +275,15 @@ fn render_disk_verify(out: &mut String, report: &VerifyReport) {
         report.mismatched_disk_blocks,
         report.disk_steps
     );
-    if !report.first_disk_mismatches.is_empty() {
-        let _ = writeln!(
-            out,
-            "  {:>10}  {:>18}  {:>8}  {:>5}",
-            "BLOCK", "OFFSET", "EXPECTED", "FOUND"
-        );
-        for m in &report.first_disk_mismatches {
-            let _ = writeln!(
-                out,
-                "  {:>10}  {:#018x}  {:>#8x}  {:>#5x}",
-                m.block, m.offset, m.expected, m.found
-            );
-        }
-        let listed = report.first_disk_mismatches.len() as u64;
-        if report.mismatched_disk_blocks > listed {
-            let _ = writeln!(
-                out,
-                "  … and {} more disk blocks",
-                report.mismatched_disk_blocks - listed
-            );
-        }
-    }
+    render_mismatches(
+        out,
+        ("BLOCK", "OFFSET", "disk blocks"),
+        report
+            .first_disk_mismatches
+            .iter()
+            .map(|m| (m.block, m.offset, m.expected, m.found)),
+        report.mismatched_disk_blocks,
+    );
     for r in &report.disk_register_mismatches {
         let _ = writeln!(
             out,

@@ -179,17 +179,7 @@ impl Registry {
         let entry = entries
             .get(name)
             .ok_or_else(|| RegistryError::NotFound { name: name.into() })?;
-        if entry.state != VmState::Running {
-            return Err(RegistryError::Busy {
-                name: name.into(),
-                state: entry.state,
-                operation,
-            });
-        }
-        entry
-            .vm
-            .clone()
-            .ok_or_else(|| RegistryError::NotReady { name: name.into() })
+        running_vm(name, entry, operation)
     }
 
     /// True while `name` is an incoming VM in the last steps of its migration: its device
