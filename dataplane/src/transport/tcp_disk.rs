@@ -32,6 +32,8 @@ use crate::wire::{read_exact_or_truncated, DiskFrame, WireError, ACK_OK, FRAME_H
 /// Lane indices, as reported in errors (after the memory streams' indices).
 pub const BULK_LANE: usize = 0;
 pub const MIRROR_LANE: usize = 1;
+/// Bytes the source's ack reader takes from its socket per read.
+const ACK_READ_BUFFER: usize = 64 * FRAME_HEADER_LEN;
 /// Writes the mirror lane keeps in flight on the destination.
 const MIRROR_QUEUE_DEPTH: u32 = 8;
 
@@ -92,9 +94,14 @@ impl TcpDiskSource {
         let mut readers = Vec::new();
         for (lane, closer) in closers.iter().enumerate() {
             let stream = stream_base + lane;
-            let mut reader = closer
-                .try_clone()
-                .map_err(io_error(stream, "cloning a socket"))?;
+            // Buffered: the destination acknowledges a batch of writes in one send, and
+            // this reads the batch in one call instead of one per 40-byte ack.
+            let mut reader = std::io::BufReader::with_capacity(
+                ACK_READ_BUFFER,
+                closer
+                    .try_clone()
+                    .map_err(io_error(stream, "cloning a socket"))?,
+            );
             let acks = Arc::clone(&acks);
             let sizes = disk_sizes.clone();
             let handle = std::thread::Builder::new()
@@ -140,7 +147,12 @@ impl TcpDiskSource {
 }
 
 /// Ack reader: completes tickets until the link ends; returns why it ended.
-fn read_acks(socket: &mut TcpStream, sizes: &[u64], acks: &AckTable, stream: usize) -> String {
+fn read_acks(
+    socket: &mut impl std::io::Read,
+    sizes: &[u64],
+    acks: &AckTable,
+    stream: usize,
+) -> String {
     let mut header = [0u8; FRAME_HEADER_LEN];
     loop {
         if let Err(e) = read_exact_or_truncated(socket, &mut header, "disk ack") {
