@@ -74,6 +74,12 @@ impl Agent {
         }
     }
 
+    /// Kills the agent process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }

@@ -3,9 +3,11 @@
 //! disk. Checked by content: the two images are compared byte for byte at the switch-over,
 //! and the destination replays the guest's program over every page and every disk block.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{first_difference, Agent, SmallFs};
+use ferry_tests::{ferry_bin, first_difference, parse_json, Agent, SmallFs};
 use serde_json::Value;
 
 fn disk_steps(agent: &Agent, vm: &str) -> u64 {
@@ -201,4 +203,91 @@ fn a_flipped_byte_in_the_destination_image_is_found_with_its_offset() {
         verify["first_disk_mismatches"][0]["offset"], offset as u64,
         "{verify}"
     );
+}
+
+/// Starts migrating `vm` from `a` to `b` in a CLI process and returns once the disk's bulk
+/// copy is under way, with the process and the rest of its progress lines.
+fn migrate_until_disk_copy(
+    a: &Agent,
+    b: &Agent,
+    vm: &str,
+) -> (std::process::Child, impl Iterator<Item = String>) {
+    let mut migrate = Command::new(ferry_bin())
+        .args([
+            "--agent",
+            &a.addr,
+            "--json",
+            "migrate",
+            vm,
+            "--to",
+            &b.addr,
+            "--progress-json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(migrate.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = lines.next().expect("progress before the end");
+        let progress = parse_json(line.as_bytes());
+        if progress["phase"] == "DiskCopy"
+            && progress["disks"][0]["bytes_copied"].as_u64().unwrap_or(0) > 0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the disk copy never started");
+    }
+    (migrate, lines)
+}
+
+/// After a failed migration: the source still hosts the VM, it runs and writes its disk,
+/// and every page and block verifies.
+fn assert_kept_on_source(a: &Agent, vm: &str) {
+    assert_eq!(a.vm_names(), vec![vm.to_string()]);
+    a.assert_running(vm);
+    assert_disk_advances(a, vm);
+    let verify = a.verify(vm);
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["disk_bytes_checked"], 4u64 << 30, "{verify}");
+}
+
+#[test]
+fn the_destination_dying_during_the_disk_copy_fails_back() {
+    let (a, mut b) = (Agent::start(), Agent::start());
+    create(&a, "crash", "256M", "4G", "random");
+    let (mut migrate, rest) = migrate_until_disk_copy(&a, &b, "crash");
+    b.kill();
+    let rest: Vec<String> = rest.collect();
+    assert!(
+        !migrate.wait().unwrap().success(),
+        "the migration must fail: {rest:?}"
+    );
+    assert_kept_on_source(&a, "crash");
+}
+
+#[test]
+fn cancel_during_the_disk_copy_fails_back_and_the_destination_removes_its_image() {
+    let (a, b) = (Agent::start(), Agent::start());
+    create(&a, "halt", "256M", "4G", "sequential");
+    let (mut migrate, rest) = migrate_until_disk_copy(&a, &b, "halt");
+    a.json(&["cancel", "halt"]);
+    let rest: Vec<String> = rest.collect();
+    assert!(
+        !migrate.wait().unwrap().success(),
+        "a cancelled migration exits non-zero: {rest:?}"
+    );
+    assert_kept_on_source(&a, "halt");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.vm_names().is_empty() || b.image_path("halt").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination keeps its half: {:?}",
+            b.vm_names()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
