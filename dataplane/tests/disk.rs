@@ -328,3 +328,30 @@ fn cancel_during_the_bulk_copy_fails_back() {
     assert!(vm.verify().unwrap().ok);
     assert!(vm.disk().unwrap().mirror().is_none());
 }
+
+#[test]
+fn a_corrupted_chunk_is_caught_by_the_disk_digest_and_the_source_fails_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, incoming) = boot_pair_with_disk(
+        disk_spec("corrupt", 16, 5, 32, 5, DiskPattern::Random),
+        dir.path(),
+    );
+    let corrupted = AtomicBool::new(false);
+    let hooks = hooked(
+        Box::new(move |inner, disk, offset, len, data| match data {
+            // One flipped bit in the first chunk with data, after the source hashed it.
+            Some(bytes) if !corrupted.swap(true, Ordering::Relaxed) => {
+                let mut bad = bytes.to_vec();
+                bad[100] ^= 1;
+                inner.send_chunk(disk, offset, len, Some(&bad))
+            }
+            _ => inner.send_chunk(disk, offset, len, data),
+        }),
+        pass_writes(),
+    );
+    let error = expect_fail_back(&vm, &incoming, hooks);
+    assert!(
+        matches!(error, EngineError::DiskDigestMismatch { .. }),
+        "{error:?}"
+    );
+}
