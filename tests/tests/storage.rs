@@ -291,3 +291,68 @@ fn cancel_during_the_disk_copy_fails_back_and_the_destination_removes_its_image(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A loop device over a file, detached on drop; None when this process cannot make one.
+struct LoopDevice {
+    path: String,
+    _backing: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn attach(mib: u64) -> Option<LoopDevice> {
+        let dir = tempfile::tempdir().ok()?;
+        let file = dir.path().join("backing.img");
+        std::fs::File::create(&file).ok()?.set_len(mib << 20).ok()?;
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let path = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        Some(LoopDevice {
+            path,
+            _backing: dir,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+#[test]
+fn a_vm_on_a_block_device_migrates_and_the_device_is_left_alone() {
+    let Some(device) = LoopDevice::attach(256) else {
+        eprintln!("skipped: creating a loop device needs root and losetup");
+        return;
+    };
+    let (a, b) = (Agent::start(), Agent::start());
+    create(&a, "on-device", "64M", &device.path, "hotset");
+    let status = a.json(&["vm", "status", "on-device"]);
+    assert_eq!(status["disk"]["bytes"], 256u64 << 20, "{status}");
+    assert_eq!(status["disk"]["block_device"], true, "{status}");
+    assert_disk_advances(&a, "on-device");
+    let report = a.json(&["migrate", "on-device", "--to", &b.addr, "--paused"]);
+    assert_eq!(report["disks"][0]["bytes"], 256u64 << 20, "{report}");
+    // The source's device holds the disk as it was at the switch-over; the destination
+    // made an image file of its own.
+    assert_eq!(
+        first_difference(
+            std::path::Path::new(&device.path),
+            &b.image_path("on-device")
+        ),
+        None
+    );
+    assert!(
+        std::path::Path::new(&device.path).exists(),
+        "a user's device is never removed"
+    );
+    assert_eq!(b.verify("on-device")["ok"], true);
+    b.json(&["vm", "resume", "on-device"]);
+    assert_disk_advances(&b, "on-device");
+}
