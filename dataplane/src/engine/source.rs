@@ -250,30 +250,40 @@ impl SourceRun<'_> {
             Some(link) => DiskSession::attach(guest.disks(), Arc::clone(link), self.params)?,
             None => DiskSession::empty(),
         };
-        if !disks.is_empty() {
-            self.progress.phase = Some(Phase::DiskCopy);
-            self.progress.disks = disks.progress();
-            self.emit(progress);
-            let copy_started = Instant::now();
-            let mut disks = disks;
-            let cancel_flag = self.cancel;
-            let mut on_disk_progress = |view: Vec<super::DiskProgress>| {
-                self.progress.disks = view;
-                self.progress.eta_ms = self.progress.disks.iter().find_map(|d| d.eta_ms);
-                self.progress.rate_bytes_per_s =
-                    self.progress.disks.iter().map(|d| d.rate_bytes_per_s).sum();
-                self.progress.bytes_sent =
-                    self.report.bytes_sent + self.disk_link.as_ref().map_or(0, |l| l.bytes_sent());
-                self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
-                progress(&self.progress);
-            };
-            disks.bulk_copy(self.params, cancel_flag, &mut on_disk_progress)?;
-            self.report.disk_copy_ms = copy_started.elapsed().as_secs_f64() * 1e3;
-            self.progress.disks = disks.progress();
-            self.progress.eta_ms = None;
-            return self.precopy_and_switch_over(guest, tracker, control, &disks, progress);
-        }
+        let disks = self.copy_disks(disks, progress)?;
         self.precopy_and_switch_over(guest, tracker, control, &disks, progress)
+    }
+
+    /// The disk-copy phase: every disk's bulk copy, reported per disk. Nothing to do for a
+    /// memory-only VM.
+    fn copy_disks(
+        &mut self,
+        mut disks: DiskSession,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<DiskSession, EngineError> {
+        if disks.is_empty() {
+            return Ok(disks);
+        }
+        self.progress.phase = Some(Phase::DiskCopy);
+        self.progress.disks = disks.progress();
+        self.emit(progress);
+        let copy_started = Instant::now();
+        let cancel = self.cancel;
+        let mut on_disk_progress = |view: Vec<super::DiskProgress>| {
+            self.progress.disks = view;
+            self.progress.eta_ms = self.progress.disks.iter().find_map(|d| d.eta_ms);
+            self.progress.rate_bytes_per_s =
+                self.progress.disks.iter().map(|d| d.rate_bytes_per_s).sum();
+            self.progress.bytes_sent =
+                self.report.bytes_sent + self.disk_link.as_ref().map_or(0, |l| l.bytes_sent());
+            self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            progress(&self.progress);
+        };
+        disks.bulk_copy(self.params, cancel, &mut on_disk_progress)?;
+        self.report.disk_copy_ms = copy_started.elapsed().as_secs_f64() * 1e3;
+        self.progress.disks = disks.progress();
+        self.progress.eta_ms = None;
+        Ok(disks)
     }
 
     /// Pre-copy (after tracing, if the caller did not) and the switch-over.
