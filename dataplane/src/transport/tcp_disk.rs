@@ -13,7 +13,7 @@
 //! a chunk the destination has already acknowledged, and never has two writes to the same
 //! bytes in flight, so the destination may complete writes in any order.
 
-use std::io::{IoSlice, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -313,6 +313,8 @@ impl DiskDestination for TcpDiskDestination {
                 ring,
                 slots: (0..depth).map(|_| None).collect(),
                 free: (0..depth as usize).rev().collect(),
+                header: [0u8; FRAME_HEADER_LEN],
+                header_have: 0,
             };
             let events = events.clone();
             let handle = std::thread::Builder::new()
@@ -357,6 +359,11 @@ struct LaneReceiver {
     /// Per ring buffer: the write queued from it.
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
+    /// The next frame's header, and how much of it has arrived: a payload's last read also
+    /// takes whatever of the next header is already there (one `readv`), so a busy lane
+    /// needs neither a poll nor a read of its own per header.
+    header: [u8; FRAME_HEADER_LEN],
+    header_have: usize,
 }
 
 impl LaneReceiver {
@@ -373,21 +380,35 @@ impl LaneReceiver {
     fn receive(&mut self, socket: &mut TcpStream) -> Result<(), TransportError> {
         let stream = self.stream;
         let wire = |source: WireError| TransportError::Wire { stream, source };
-        let mut header = [0u8; FRAME_HEADER_LEN];
         loop {
             // Acknowledge what has completed before blocking on the socket; and never block
             // on the socket while writes are in flight and nothing has arrived: the source
             // may be waiting for exactly those acknowledgements.
             self.reap(socket, 0)?;
-            if self.ring.in_flight() > 0 && !wait_readable(socket, self.ring.as_raw_fd()) {
-                continue;
+            if self.header_have < FRAME_HEADER_LEN {
+                if self.ring.in_flight() > 0 && !wait_readable(socket, self.ring.as_raw_fd()) {
+                    continue;
+                }
+                match socket.read(&mut self.header[self.header_have..]) {
+                    // A clean close between frames is how the source ends the migration.
+                    Ok(0) if self.header_have == 0 => return Ok(()),
+                    Ok(0) => {
+                        return Err(wire(WireError::Truncated {
+                            what: "disk frame header",
+                            got: self.header_have,
+                            want: FRAME_HEADER_LEN,
+                        }))
+                    }
+                    Ok(n) => self.header_have += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_error(stream, "receiving a disk frame")(e)),
+                }
+                if self.header_have < FRAME_HEADER_LEN {
+                    continue;
+                }
             }
-            match read_exact_or_truncated(socket, &mut header, "disk frame header") {
-                Ok(()) => {}
-                Err(e) if e.is_clean_eof() => return Ok(()),
-                Err(e) => return Err(wire(e)),
-            }
-            let frame = DiskFrame::decode(&header, &self.sizes).map_err(wire)?;
+            self.header_have = 0;
+            let frame = DiskFrame::decode(&self.header, &self.sizes).map_err(wire)?;
             match (self.lane, frame) {
                 (
                     BULK_LANE,
@@ -448,8 +469,7 @@ impl LaneReceiver {
         }
         let index = self.free.pop().expect("a free buffer");
         let buf = &mut self.ring.buffer_mut(index)[..len as usize];
-        read_exact_or_truncated(socket, buf, "disk payload")
-            .map_err(|source| TransportError::Wire { stream, source })?;
+        read_payload(socket, buf, &mut self.header, &mut self.header_have, stream)?;
         let hashes: Vec<u64> = buf.chunks_exact(BLOCK_SIZE).map(page_hash).collect();
         let landing = &self.disks[disk as usize];
         self.ring
@@ -568,6 +588,45 @@ impl LaneReceiver {
             self.stream,
         )
     }
+}
+
+/// Reads a whole payload into `buf`, and with its last read whatever of the next frame's
+/// header has arrived too (into `header[*have..]`).
+fn read_payload(
+    socket: &mut TcpStream,
+    buf: &mut [u8],
+    header: &mut [u8; FRAME_HEADER_LEN],
+    have: &mut usize,
+    stream: usize,
+) -> Result<(), TransportError> {
+    let want = buf.len();
+    let mut got = 0;
+    while got < want {
+        let mut bufs = [
+            IoSliceMut::new(&mut buf[got..]),
+            IoSliceMut::new(&mut header[*have..]),
+        ];
+        match socket.read_vectored(&mut bufs) {
+            Ok(0) => {
+                return Err(TransportError::Wire {
+                    stream,
+                    source: WireError::Truncated {
+                        what: "disk payload",
+                        got,
+                        want,
+                    },
+                })
+            }
+            Ok(n) => {
+                let into_payload = n.min(want - got);
+                got += into_payload;
+                *have += n - into_payload;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(stream, "receiving a disk payload")(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Longest wait for the socket or a completion before looking again (a safety net: either
