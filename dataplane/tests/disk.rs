@@ -280,7 +280,7 @@ fn a_disk_read_error_mid_copy_fails_back() {
 fn a_mirror_that_breaks_during_pre_copy_fails_back() {
     let dir = tempfile::tempdir().unwrap();
     let (vm, incoming) = boot_pair_with_disk(
-        disk_spec("mirror-down", 64, 20, 32, 20, DiskPattern::Random),
+        disk_spec("mirror-down", 64, 20, 32, 50, DiskPattern::Random),
         dir.path(),
     );
     let hooks = hooked(

@@ -280,6 +280,10 @@ impl SourceRun<'_> {
             progress(&self.progress);
         };
         disks.bulk_copy(self.params, cancel, &mut on_disk_progress)?;
+        // A cancel that came as the copy ended may have closed the disk links already.
+        if self.cancelled() {
+            return Err(EngineError::Cancelled);
+        }
         self.report.disk_copy_ms = copy_started.elapsed().as_secs_f64() * 1e3;
         self.progress.disks = disks.progress();
         self.progress.eta_ms = None;
@@ -310,6 +314,9 @@ impl SourceRun<'_> {
         let mut to_send = DirtyBitmap::full(pages as usize);
         self.progress.phase = Some(Phase::MemoryPreCopy);
         let stop_reason = loop {
+            if self.cancelled() {
+                return Err(EngineError::Cancelled);
+            }
             disks.check()?;
             self.progress.round = round;
             let to_send_pages = to_send.count() as u64;
