@@ -14,7 +14,12 @@ use crate::wire::ACK_OK;
 pub struct AckTable {
     state: Mutex<State>,
     changed: Condvar,
+    /// Set in every ticket this table hands out (see [`AckTable::tagged`]).
+    tag: u32,
 }
+
+/// The bit a tag may use; tickets count in the bits below it.
+pub const TICKET_TAG_BIT: u32 = 1 << 31;
 
 #[derive(Default)]
 struct State {
@@ -26,6 +31,21 @@ struct State {
 }
 
 impl AckTable {
+    /// A table whose tickets all carry `tag` (0 or [`TICKET_TAG_BIT`]), so that two tables
+    /// of one link can tell their tickets apart.
+    pub fn tagged(tag: u32) -> Self {
+        debug_assert!(tag & !TICKET_TAG_BIT == 0);
+        Self {
+            tag,
+            ..Self::default()
+        }
+    }
+
+    /// Whether `id` was handed out by this table.
+    pub fn owns(&self, id: u32) -> bool {
+        id & TICKET_TAG_BIT == self.tag
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -38,8 +58,8 @@ impl AckTable {
                 reason: reason.clone(),
             });
         }
-        let id = state.next;
-        state.next = state.next.wrapping_add(1);
+        let id = state.next | self.tag;
+        state.next = state.next.wrapping_add(1) & !TICKET_TAG_BIT;
         state.pending.insert(id, None);
         Ok(id)
     }
@@ -122,6 +142,19 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn tagged_tables_hand_out_disjoint_tickets() {
+        let (bulk, mirror) = (AckTable::tagged(0), AckTable::tagged(TICKET_TAG_BIT));
+        let (b, m) = (bulk.register().unwrap(), mirror.register().unwrap());
+        assert!(bulk.owns(b) && !bulk.owns(m) && mirror.owns(m) && !mirror.owns(b));
+        assert!(matches!(
+            mirror.complete(b, ACK_OK),
+            Err(TransportError::UnexpectedAck { .. })
+        ));
+        mirror.complete(m, ACK_OK).unwrap();
+        assert!(matches!(mirror.poll(m), Some(Ok(()))));
+    }
 
     #[test]
     fn tickets_complete_fail_and_time_out() {

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::ack::AckTable;
+use super::ack::{AckTable, TICKET_TAG_BIT};
 use super::tcp::{prepare, stop};
 use super::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
 use crate::disk::{BlockRing, BLOCK_SIZE};
@@ -71,7 +71,9 @@ fn write_frame(
 pub struct TcpDiskSource {
     lanes: [Mutex<TcpStream>; 2],
     closers: Vec<TcpStream>,
-    acks: Arc<AckTable>,
+    /// Tickets per lane (the mirror lane's carry the tag bit), so an ack on one lane never
+    /// wakes a thread waiting on the other.
+    acks: [Arc<AckTable>; 2],
     readers: Mutex<Vec<JoinHandle<()>>>,
     bytes: AtomicU64,
     /// Index of the bulk lane in errors (the mirror lane is the next).
@@ -88,7 +90,10 @@ impl TcpDiskSource {
         disk_sizes: Vec<u64>,
         stream_base: usize,
     ) -> Result<Self, TransportError> {
-        let acks = Arc::new(AckTable::default());
+        let acks = [
+            Arc::new(AckTable::tagged(0)),
+            Arc::new(AckTable::tagged(TICKET_TAG_BIT)),
+        ];
         let sockets = [bulk, mirror];
         let closers = prepare(&sockets, stream_base)?;
         let mut readers = Vec::new();
@@ -102,7 +107,7 @@ impl TcpDiskSource {
                     .try_clone()
                     .map_err(io_error(stream, "cloning a socket"))?,
             );
-            let acks = Arc::clone(&acks);
+            let acks = Arc::clone(&acks[lane]);
             let sizes = disk_sizes.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-disk-ack{lane}"))
@@ -134,15 +139,25 @@ impl TcpDiskSource {
         Ok(frame.id())
     }
 
+    /// The table a ticket came from.
+    fn table(&self, ticket: u32) -> &AckTable {
+        if self.acks[MIRROR_LANE].owns(ticket) {
+            &self.acks[MIRROR_LANE]
+        } else {
+            &self.acks[BULK_LANE]
+        }
+    }
+
     fn request(
         &self,
         lane: usize,
         make: impl FnOnce(u32) -> DiskFrame,
         payload: &[u8],
     ) -> Result<u32, TransportError> {
-        let id = self.acks.register()?;
+        let acks = &self.acks[lane];
+        let id = acks.register()?;
         self.send(lane, make(id), payload)
-            .inspect_err(|_| self.acks.forget(id))
+            .inspect_err(|_| acks.forget(id))
     }
 }
 
@@ -232,11 +247,11 @@ impl DiskSource for TcpDiskSource {
     }
 
     fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
-        self.acks.wait(ticket, deadline)
+        self.table(ticket).wait(ticket, deadline)
     }
 
     fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
-        self.acks.poll(ticket)
+        self.table(ticket).poll(ticket)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -244,7 +259,9 @@ impl DiskSource for TcpDiskSource {
     }
 
     fn shutdown(&self) {
-        self.acks.close("the disk link was shut down");
+        for acks in &self.acks {
+            acks.close("the disk link was shut down");
+        }
         for s in &self.closers {
             let _ = s.shutdown(Shutdown::Both);
         }
