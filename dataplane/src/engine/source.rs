@@ -274,8 +274,8 @@ impl SourceRun<'_> {
             self.progress.eta_ms = self.progress.disks.iter().find_map(|d| d.eta_ms);
             self.progress.rate_bytes_per_s =
                 self.progress.disks.iter().map(|d| d.rate_bytes_per_s).sum();
-            self.progress.bytes_sent =
-                self.report.bytes_sent + self.disk_link.as_ref().map_or(0, |l| l.bytes_sent());
+            // Memory bytes, as in the report; the disks' own progress is in `disks`.
+            self.progress.bytes_sent = self.report.bytes_sent;
             self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
             progress(&self.progress);
         };
