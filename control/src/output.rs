@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use ferry_dataplane::disk::LatencySummary;
-use ferry_dataplane::guest::reference::VerifyReport;
+use ferry_dataplane::guest::reference::{RegisterMismatch, VerifyReport};
 use ferry_dataplane::units::{format_bytes, format_rate};
 use serde::Serialize;
 
@@ -222,13 +222,7 @@ pub fn render_verify(name: &str, report: &VerifyReport) -> String {
             .map(|m| (m.page, m.addr, m.expected, m.found)),
         report.mismatched_pages,
     );
-    for r in &report.register_mismatches {
-        let _ = writeln!(
-            out,
-            "  vCPU {} at step {}: registers {:x?}, replay expects {:x?}",
-            r.vcpu, r.steps, r.found_rng, r.expected_rng
-        );
-    }
+    render_register_mismatches(&mut out, "vCPU", "step", &report.register_mismatches);
     if report.disk_bytes_checked > 0 || report.mismatched_disk_blocks > 0 {
         render_disk_verify(&mut out, report);
     }
@@ -264,6 +258,22 @@ fn render_mismatches(
     }
 }
 
+/// Register files that differ from the replay: "`who` N at `step` S: …".
+fn render_register_mismatches(
+    out: &mut String,
+    who: &str,
+    step: &str,
+    mismatches: &[RegisterMismatch],
+) {
+    for r in mismatches {
+        let _ = writeln!(
+            out,
+            "  {who} {} at {step} {}: registers {:x?}, replay expects {:x?}",
+            r.vcpu, r.steps, r.found_rng, r.expected_rng
+        );
+    }
+}
+
 /// The disk part of a verify report: bytes checked, mismatched blocks with the byte offset
 /// of their first differing byte, and disk lanes whose registers differ.
 fn render_disk_verify(out: &mut String, report: &VerifyReport) {
@@ -284,13 +294,12 @@ fn render_disk_verify(out: &mut String, report: &VerifyReport) {
             .map(|m| (m.block, m.offset, m.expected, m.found)),
         report.mismatched_disk_blocks,
     );
-    for r in &report.disk_register_mismatches {
-        let _ = writeln!(
-            out,
-            "  disk lane of vCPU {} at write {}: registers {:x?}, replay expects {:x?}",
-            r.vcpu, r.steps, r.found_rng, r.expected_rng
-        );
-    }
+    render_register_mismatches(
+        out,
+        "disk lane of vCPU",
+        "write",
+        &report.disk_register_mismatches,
+    );
 }
 
 #[cfg(test)]

@@ -377,14 +377,10 @@ impl Mirror {
         match (&local, remote) {
             (Ok(()), Ok(())) => {
                 // Both sides hold these bytes now: the digest says so.
-                let first_block = (offset / BLOCK_SIZE as u64) as usize;
-                let delta = data
-                    .chunks_exact(BLOCK_SIZE)
-                    .enumerate()
-                    .fold(0u64, |acc, (i, block)| {
-                        acc.wrapping_add(self.digest.record(first_block + i, page_hash(block)))
-                    });
-                self.digest.apply(delta);
+                self.digest.record_run(
+                    (offset / BLOCK_SIZE as u64) as usize,
+                    data.chunks_exact(BLOCK_SIZE).map(page_hash),
+                );
             }
             (Err(e), _) => self.fail(format!(
                 "a mirrored write failed locally after it was sent ({e}); the destination may hold bytes the source does not"

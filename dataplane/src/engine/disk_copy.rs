@@ -296,18 +296,15 @@ impl DiskSession {
                 Ok(())
             },
             |offset, bytes| {
-                let first_block = (offset / BLOCK_SIZE as u64) as usize;
                 let mut all_zero = true;
-                let delta =
-                    bytes
-                        .chunks_exact(BLOCK_SIZE)
-                        .enumerate()
-                        .fold(0u64, |acc, (i, block)| {
-                            let hash = page_hash(block);
-                            all_zero &= hash == ZERO_PAGE_HASH;
-                            acc.wrapping_add(digest.record(first_block + i, hash))
-                        });
-                digest.apply(delta);
+                digest.record_run(
+                    (offset / BLOCK_SIZE as u64) as usize,
+                    bytes.chunks_exact(BLOCK_SIZE).map(|block| {
+                        let hash = page_hash(block);
+                        all_zero &= hash == ZERO_PAGE_HASH;
+                        hash
+                    }),
+                );
                 let len = bytes.len() as u32;
                 let ticket = if all_zero {
                     zero_bytes += len as u64;

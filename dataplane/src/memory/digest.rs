@@ -81,6 +81,15 @@ impl MemoryDigest {
         self.apply(self.record(page, hash));
     }
 
+    /// Records `hashes` for the pages (blocks) from `first` on, and folds them in with one
+    /// atomic.
+    pub fn record_run(&self, first: usize, hashes: impl IntoIterator<Item = u64>) {
+        let delta = hashes.into_iter().enumerate().fold(0u64, |acc, (i, hash)| {
+            acc.wrapping_add(self.record(first + i, hash))
+        });
+        self.apply(delta);
+    }
+
     /// The current digest.
     pub fn value(&self) -> u64 {
         self.digest.load(Ordering::Acquire)
@@ -111,6 +120,13 @@ mod tests {
         let c = MemoryDigest::new_zeroed(8);
         c.record_now(3, h);
         assert_ne!(a.value(), c.value());
+        // A run is the same as its pages one by one.
+        let d = MemoryDigest::new_zeroed(8);
+        d.record_run(2, [h, 111]);
+        let e = MemoryDigest::new_zeroed(8);
+        e.record_now(2, h);
+        e.record_now(3, 111);
+        assert_eq!(d.value(), e.value());
         // Back to zero restores the zero digest.
         a.record_now(2, page_hash(&[0u8; PAGE_SIZE]));
         assert_eq!(a.value(), MemoryDigest::new_zeroed(8).value());

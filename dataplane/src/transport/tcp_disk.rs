@@ -519,12 +519,10 @@ impl LaneReceiver {
                     source,
                 })?;
         }
-        let first = (offset / BLOCK_SIZE as u64) as usize;
-        let blocks = len as usize / BLOCK_SIZE;
-        let delta = (first..first + blocks).fold(0u64, |acc, b| {
-            acc.wrapping_add(landing.digest.record(b, ZERO_PAGE_HASH))
-        });
-        landing.digest.apply(delta);
+        landing.digest.record_run(
+            (offset / BLOCK_SIZE as u64) as usize,
+            std::iter::repeat_n(ZERO_PAGE_HASH, len as usize / BLOCK_SIZE),
+        );
         self.ack(socket, disk, id, ACK_OK)
     }
 
@@ -549,11 +547,9 @@ impl LaneReceiver {
             self.free.push(index);
             let status = match completion.result {
                 Ok(_) => {
-                    let digest = &self.disks[flight.disk as usize].digest;
-                    let delta = flight.hashes.iter().enumerate().fold(0u64, |acc, (i, &h)| {
-                        acc.wrapping_add(digest.record(flight.first_block + i, h))
-                    });
-                    digest.apply(delta);
+                    self.disks[flight.disk as usize]
+                        .digest
+                        .record_run(flight.first_block, flight.hashes);
                     ACK_OK
                 }
                 Err(source) => {
