@@ -10,7 +10,9 @@
 //! - `disk`: the storage path: bulk copy against a raw io_uring read of the same image,
 //!   guest write latency with and without a mirror, and QEMU's blockdev-mirror when
 //!   `qemu-storage-daemon` is installed.
-//! - `all`: all three, with defaults.
+//! - `rdma`: the memory stream over RDMA against TCP and `ib_write_bw` between the same
+//!   two soft-RoCE devices (inside ../shared/rxe-vm: `bench/rxe`).
+//! - `all`: memory, tracking and disk, with defaults.
 //!
 //! Tables go to stdout (`--json` for machine-readable results), progress to stderr.
 
@@ -27,6 +29,7 @@ mod disk_migration;
 mod link;
 mod memory;
 mod qemu;
+mod rdma;
 mod report;
 mod tracking;
 
@@ -55,8 +58,26 @@ enum Command {
     Tracking(TrackingArgs),
     /// Disk bulk copy vs raw read, write latency with/without mirror, vs QEMU blockdev-mirror.
     Disk(DiskArgs),
-    /// All of them, with their defaults.
+    /// Memory stream over RDMA vs TCP vs ib_write_bw (inside the rxe VM: bench/rxe).
+    Rdma(RdmaArgs),
+    /// Memory, tracking and disk, with their defaults.
     All,
+}
+
+#[derive(Args, Debug)]
+struct RdmaArgs {
+    /// Memory moved per run.
+    #[arg(long, default_value = "64M", value_parser = parse_size_arg)]
+    size: u64,
+    /// Streams (RDMA lanes, TCP connections), one sending thread each.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    streams: u64,
+    /// Frames (1 MiB blocks) per send call: also what one RDMA announcement names at most.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    frames_per_send: u64,
+    /// Target length of each ib_write_bw run, in seconds.
+    #[arg(long, default_value_t = 4.0)]
+    ib_seconds: f64,
 }
 
 #[derive(Args, Debug)]
@@ -182,6 +203,8 @@ struct Results {
     tracking: Option<tracking::TrackingResults>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disk: Option<disk::DiskResults>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rdma: Option<rdma::RdmaResults>,
 }
 
 /// Where the numbers came from.
@@ -214,16 +237,27 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     let repeat = cli.repeat as usize;
+    let mut rdma_args = None;
     let (memory_args, tracking_args, disk_args) = match cli.command {
         Command::Memory(m) => (Some(m), None, None),
         Command::Tracking(t) => (None, Some(t), None),
         Command::Disk(d) => (None, None, Some(d)),
+        Command::Rdma(r) => {
+            rdma_args = Some(r);
+            (None, None, None)
+        }
         Command::All => (
             Some(MemoryArgs::default()),
             Some(TrackingArgs::default()),
             Some(DiskArgs::default()),
         ),
     };
+    if rdma_args.is_some() {
+        if let Err(e) = rdma::check_environment() {
+            eprintln!("ferry-bench rdma: {e:#}");
+            std::process::exit(2);
+        }
+    }
     let mut results = Results {
         host: Host::probe(),
         ..Default::default()
@@ -285,6 +319,24 @@ fn main() -> anyhow::Result<()> {
             disk::print(&r);
         }
         results.disk = Some(r);
+    }
+    if let Some(r) = rdma_args {
+        anyhow::ensure!(
+            r.ib_seconds.is_finite() && (0.5..=600.0).contains(&r.ib_seconds),
+            "--ib-seconds must be in 0.5..=600"
+        );
+        let config = rdma::RdmaConfig {
+            size_bytes: r.size,
+            streams: r.streams as usize,
+            repeat,
+            frames_per_send: r.frames_per_send as usize,
+            ib_seconds: r.ib_seconds,
+        };
+        let r = rdma::run(&config).context("rdma benchmark")?;
+        if !cli.json {
+            rdma::print(&r);
+        }
+        results.rdma = Some(r);
     }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

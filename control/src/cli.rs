@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use ferry_dataplane::disk::{DirectIo, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
-use ferry_dataplane::engine::{MigrationParams, DISK_CHUNK_BYTES_MIN};
+use ferry_dataplane::engine::{MigrationParams, TransportChoice, DISK_CHUNK_BYTES_MIN};
 use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern, VmSpec};
 use ferry_dataplane::units::{format_bytes, parse_size};
 
@@ -271,6 +271,10 @@ pub struct MigrationArgs {
     #[arg(long, default_value_t = MigrationParams::default().disk_queue_depth,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(QUEUE_DEPTH_MAX)), value_name = "N")]
     pub queue_depth: u32,
+    /// Data path: auto (RDMA when a local device reaches the destination and its agent can
+    /// listen on one, otherwise TCP; the report says which and why), rdma (or fail), tcp.
+    #[arg(long, default_value = "auto", value_name = "auto|rdma|tcp")]
+    pub transport: TransportChoice,
 }
 
 impl MigrationArgs {
@@ -286,6 +290,7 @@ impl MigrationArgs {
             switchover_timeout_ms: self.switchover_timeout_ms,
             disk_chunk_bytes: self.chunk_size,
             disk_queue_depth: self.queue_depth,
+            transport: self.transport,
             ..MigrationParams::default()
         }
     }
@@ -601,6 +606,8 @@ mod tests {
             "required",
             "--paused",
             "--keep-source-disks",
+            "--transport",
+            "rdma",
         ]);
         let Command::Migrate(args) = cli.command else {
             panic!()
@@ -614,6 +621,7 @@ mod tests {
                 direct_io: DirectIo::Required,
                 start_paused: true,
                 keep_source_disks: true,
+                transport: TransportChoice::Rdma,
                 ..MigrationParams::default()
             }
         );

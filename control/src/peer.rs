@@ -58,6 +58,8 @@ pub struct MigrateIn {
     pub direct_io: DirectIo,
     /// The destination takes the VM over but leaves it paused until `vm resume`.
     pub start_paused: bool,
+    /// The source would like RDMA lanes (it has a device that reaches this agent).
+    pub rdma: bool,
 }
 
 impl MigrateIn {
@@ -78,10 +80,33 @@ pub enum MigrateInReply {
     /// The incoming VM exists (memory pre-faulted, vCPUs parked); open the data streams.
     Accepted {
         prefault_ms: f64,
+        /// The answer to [`MigrateIn::rdma`].
+        rdma: RdmaOffer,
     },
     Refused {
         reason: String,
     },
+}
+
+/// Whether the destination listens for RDMA lanes of this migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RdmaOffer {
+    /// Not asked for.
+    NotAsked,
+    /// rdma_cm listens on the control connection's local address, at `port`.
+    Listening { port: u16, device: String },
+    /// Asked for, but this agent cannot (no rdma-core, no device on that address, …).
+    Unavailable { reason: String },
+}
+
+/// Sent by the source on the control connection once the TCP data streams are open (and,
+/// when offered, the RDMA lanes were tried): which one the engines use. The TCP streams
+/// are always opened, so an RDMA lane that fails to connect falls back without a new
+/// handshake.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DataPlaneChoice {
+    Tcp,
+    Rdma,
 }
 
 /// Opens data connection `index` of `session`.
@@ -151,6 +176,7 @@ mod tests {
             streams: STREAMS_MAX,
             direct_io: DirectIo::Required,
             start_paused: true,
+            rdma: true,
         };
         assert_eq!(incoming.data_connections(), STREAMS_MAX + DISK_LANES);
         let without_disk = MigrateIn {
@@ -174,12 +200,27 @@ mod tests {
             assert_eq!(round_trip(&opening), opening);
         }
         for reply in [
-            MigrateInReply::Accepted { prefault_ms: 12.25 },
+            MigrateInReply::Accepted {
+                prefault_ms: 12.25,
+                rdma: RdmaOffer::Listening {
+                    port: 4791,
+                    device: "rxe1".into(),
+                },
+            },
+            MigrateInReply::Accepted {
+                prefault_ms: 0.0,
+                rdma: RdmaOffer::Unavailable {
+                    reason: "no RDMA device".into(),
+                },
+            },
             MigrateInReply::Refused {
                 reason: "no".into(),
             },
         ] {
             assert_eq!(round_trip(&reply), reply);
+        }
+        for choice in [DataPlaneChoice::Tcp, DataPlaneChoice::Rdma] {
+            assert_eq!(round_trip(&choice), choice);
         }
         for reply in [
             DataStreamReply::Attached,

@@ -210,7 +210,23 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
         ("throughput", format_rate(report.throughput_bytes_per_s)),
         (
             "transport",
-            format!("{} × {} streams", report.transport, report.streams),
+            match (&report.rdma, report.transport_note.is_empty()) {
+                (Some(rdma), _) => format!(
+                    "{} × {} streams — {}; {} RDMA WRITEs of memory ({}), {} of disk ({})",
+                    report.transport,
+                    report.streams,
+                    report.transport_note,
+                    rdma.memory_writes,
+                    format_bytes(rdma.memory_write_bytes),
+                    rdma.disk_writes,
+                    format_bytes(rdma.disk_write_bytes),
+                ),
+                (None, false) => format!(
+                    "{} × {} streams — {}",
+                    report.transport, report.streams, report.transport_note
+                ),
+                (None, true) => format!("{} × {} streams", report.transport, report.streams),
+            },
         ),
         ("tracker", report.tracker.clone()),
         ("throttle max", format!("{}%", report.throttle_percent_max)),

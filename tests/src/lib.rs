@@ -43,14 +43,30 @@ impl Agent {
 
     /// Starts an agent whose data directory is `data_dir` (kept after the agent ends).
     pub fn start_in(data_dir: &Path) -> Agent {
-        let mut child = Command::new(ferry_bin())
-            .args([
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--print-addr",
-                "--data-dir",
-            ])
+        Self::spawn(Command::new(ferry_bin()), "127.0.0.1", data_dir)
+    }
+
+    /// Starts an agent listening on `ip` (an ephemeral port), e.g. a soft-RoCE address.
+    pub fn start_on(ip: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut agent = Self::spawn(Command::new(ferry_bin()), ip, dir.path());
+        agent._owned_dir = Some(dir);
+        agent
+    }
+
+    /// Starts an agent through `command` (a wrapper that ends by running the `ferry`
+    /// binary with the arguments appended), on loopback.
+    pub fn start_via(command: Command) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut agent = Self::spawn(command, "127.0.0.1", dir.path());
+        agent._owned_dir = Some(dir);
+        agent
+    }
+
+    fn spawn(mut command: Command, ip: &str, data_dir: &Path) -> Agent {
+        let listen = format!("{ip}:0");
+        let mut child = command
+            .args(["agent", "--listen", &listen, "--print-addr", "--data-dir"])
             .arg(data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

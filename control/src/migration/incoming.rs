@@ -16,17 +16,22 @@ use ferry_dataplane::engine::EngineError;
 use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::{Guest, GuestError};
 use ferry_dataplane::memory::GuestMemory;
+use ferry_dataplane::transport::rdma::session::{IncomingRdma, IncomingTransports};
+use ferry_dataplane::transport::rdma::RdmaError;
 use ferry_dataplane::transport::tcp::TcpDestination;
 use ferry_dataplane::transport::tcp_disk::TcpDiskDestination;
-use ferry_dataplane::transport::DiskDestination;
-use ferry_dataplane::wire::write_message;
+use ferry_dataplane::transport::{DestinationTransport, DiskDestination};
+use ferry_dataplane::wire::{read_message, write_message};
 use tracing::{error, info, warn};
 
 use super::{DATA_STREAMS_TIMEOUT, POLL_INTERVAL};
 use crate::api::VmState;
 use crate::disks::{DiskStore, HostedDisk};
 use crate::error_chain;
-use crate::peer::{DataStream, DataStreamReply, MigrateIn, MigrateInReply, STREAMS_MAX};
+use crate::peer::{
+    DataPlaneChoice, DataStream, DataStreamReply, MigrateIn, MigrateInReply, RdmaOffer,
+    PEER_MESSAGE_LEN_MAX, STREAMS_MAX,
+};
 use crate::registry::{Registry, RegistryError};
 
 /// Data connections that arrived for an incoming session not yet started: session → the
@@ -190,6 +195,7 @@ pub fn accept_incoming(
         streams,
         direct_io,
         start_paused,
+        rdma,
     } = request;
     let name = spec.name.clone();
     let refuse = |control: &mut TcpStream, reason: String| {
@@ -274,10 +280,33 @@ pub fn accept_incoming(
         );
     };
     let session_guard = SessionGuard { sessions, session };
+    // RDMA, when the source asked: listen on the address it reached us at, with guest
+    // memory registered for its writes, and accept its lanes while the TCP streams arrive.
+    let (offer, listening) = if rdma {
+        let ip = control.local_addr().map(|a| a.ip());
+        match ip.map_err(|e| e.to_string()).and_then(|ip| {
+            IncomingRdma::listen(ip, Arc::clone(vm.memory())).map_err(|e| error_chain(&e))
+        }) {
+            Ok(listening) => (
+                RdmaOffer::Listening {
+                    port: listening.port(),
+                    device: listening.device().to_string(),
+                },
+                Some(listening),
+            ),
+            Err(reason) => {
+                info!(vm = %name, %reason, "RDMA asked for but unavailable here; offering TCP");
+                (RdmaOffer::Unavailable { reason }, None)
+            }
+        }
+    } else {
+        (RdmaOffer::NotAsked, None)
+    };
     if let Err(err) = write_message(
         &mut control,
         &MigrateInReply::Accepted {
             prefault_ms: vm.prefault_ms(),
+            rdma: offer,
         },
     ) {
         warn!(vm = %name, error = %error_chain(&err), "the source agent went away before the data streams");
@@ -287,35 +316,94 @@ pub fn accept_incoming(
         disk = ?guard.image.as_ref().map(|d| &d.path), start_paused,
         prefault_ms = vm.prefault_ms(), "incoming migration accepted");
 
+    let has_disk = connections > streams;
+    let stop_lanes = Arc::new(AtomicBool::new(false));
+    let lanes = listening.map(|listening| {
+        let stop = Arc::clone(&stop_lanes);
+        std::thread::spawn(move || -> Result<IncomingTransports, RdmaError> {
+            listening.accept(
+                session,
+                streams as usize,
+                has_disk,
+                Instant::now() + DATA_STREAMS_TIMEOUT,
+                &stop,
+            )
+        })
+    });
+    let stop_accepting = |lanes: Option<std::thread::JoinHandle<_>>| {
+        stop_lanes.store(true, Ordering::SeqCst);
+        if let Some(h) = lanes {
+            let _ = h.join();
+        }
+    };
     let mut data = match gather_streams(&control, &arrivals, connections, &cancel) {
         Ok(data) => data,
         Err(reason) => {
+            stop_accepting(lanes);
             warn!(vm = %name, %reason, "incoming migration abandoned before the transfer");
             return;
         }
     };
     drop(session_guard);
-    // Memory streams first, then the disk's bulk and mirror lanes.
-    let lanes = data.split_off(streams as usize);
-    let disk_transport = match <[TcpStream; 2]>::try_from(lanes) {
-        Ok([bulk, mirror]) => match TcpDiskDestination::new(bulk, mirror, streams as usize) {
-            Ok(link) => Some(Box::new(link) as Box<dyn DiskDestination>),
-            Err(err) => {
-                warn!(vm = %name, error = %error_chain(&err), "incoming migration: disk link setup failed");
+    let choice = read_choice(&mut control);
+    let rdma_transports = match (choice, lanes) {
+        (Ok(DataPlaneChoice::Rdma), Some(lanes)) => match lanes.join() {
+            Ok(Ok(transports)) => Some(transports),
+            Ok(Err(err)) => {
+                warn!(vm = %name, error = %error_chain(&err), "incoming migration: RDMA lanes failed");
+                return;
+            }
+            Err(_) => {
+                error!(vm = %name, "incoming migration: the RDMA accept thread panicked");
                 return;
             }
         },
-        Err(lanes) => {
-            debug_assert!(lanes.is_empty(), "a disk adds exactly two connections");
-            None
-        }
-    };
-    let transport = match TcpDestination::new(data) {
-        Ok(transport) => Box::new(transport),
-        Err(err) => {
-            warn!(vm = %name, error = %error_chain(&err), "incoming migration: transport setup failed");
+        (Ok(DataPlaneChoice::Rdma), None) => {
+            warn!(vm = %name, "the source chose RDMA, which this agent did not offer");
             return;
         }
+        (Ok(DataPlaneChoice::Tcp), lanes) => {
+            stop_accepting(lanes);
+            None
+        }
+        (Err(reason), lanes) => {
+            stop_accepting(lanes);
+            warn!(vm = %name, %reason, "incoming migration abandoned before the transfer");
+            return;
+        }
+    };
+    if let Some(t) = &rdma_transports {
+        info!(vm = %name, device = %t.device, "data plane: RDMA");
+    }
+    // Memory streams first, then the disk's bulk and mirror lanes.
+    let lanes = data.split_off(streams as usize);
+    let (transport, disk_transport) = if let Some(t) = rdma_transports {
+        (
+            Box::new(t.memory) as Box<dyn DestinationTransport>,
+            t.disk.map(|d| Box::new(d) as Box<dyn DiskDestination>),
+        )
+    } else {
+        let disk_transport = match <[TcpStream; 2]>::try_from(lanes) {
+            Ok([bulk, mirror]) => match TcpDiskDestination::new(bulk, mirror, streams as usize) {
+                Ok(link) => Some(Box::new(link) as Box<dyn DiskDestination>),
+                Err(err) => {
+                    warn!(vm = %name, error = %error_chain(&err), "incoming migration: disk link setup failed");
+                    return;
+                }
+            },
+            Err(lanes) => {
+                debug_assert!(lanes.is_empty(), "a disk adds exactly two connections");
+                None
+            }
+        };
+        let transport = match TcpDestination::new(data) {
+            Ok(transport) => Box::new(transport) as Box<dyn DestinationTransport>,
+            Err(err) => {
+                warn!(vm = %name, error = %error_chain(&err), "incoming migration: transport setup failed");
+                return;
+            }
+        };
+        (transport, disk_transport)
     };
     let guest = ObservedGuest {
         vm: vm.as_ref(),
@@ -365,6 +453,19 @@ pub fn accept_incoming(
             warn!(vm = %name, error = %error_chain(&err), "incoming migration failed; discarding the incoming VM");
         }
     }
+}
+
+/// The source's [`DataPlaneChoice`], sent once its streams (and lanes) are up.
+fn read_choice(control: &mut TcpStream) -> Result<DataPlaneChoice, String> {
+    control
+        .set_read_timeout(Some(DATA_STREAMS_TIMEOUT))
+        .map_err(|e| format!("setting a timeout: {e}"))?;
+    let choice = read_message(control, PEER_MESSAGE_LEN_MAX)
+        .map_err(|e| format!("waiting for the data plane choice: {}", error_chain(&e)));
+    control
+        .set_read_timeout(None)
+        .map_err(|e| format!("clearing a timeout: {e}"))?;
+    choice
 }
 
 /// Waits for every data stream of the session, answering each, in index order.

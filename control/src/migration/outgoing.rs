@@ -4,20 +4,25 @@
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
-use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
+use ferry_dataplane::engine::{
+    EngineError, MigrationParams, MigrationReport, Phase, Progress, RdmaReport, TransportChoice,
+};
 use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::{FullTracker, UffdWpTracker};
 use ferry_dataplane::memory::{DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::transport::rdma::link::device_for;
+use ferry_dataplane::transport::rdma::memory::RdmaCounters;
+use ferry_dataplane::transport::rdma::session::{connect_outgoing, OutgoingTransports};
 use ferry_dataplane::transport::tcp::TcpSource;
 use ferry_dataplane::transport::tcp_disk::TcpDiskSource;
-use ferry_dataplane::transport::{DiskSource, TransportError};
+use ferry_dataplane::transport::{DiskSource, SourceTransport, TransportError};
 use ferry_dataplane::wire::{read_message, write_message, WireError};
 use tracing::{error, info, warn};
 
@@ -29,8 +34,8 @@ use crate::api::{ErrorKind, Response, VmState};
 use crate::disks::DiskStore;
 use crate::error_chain;
 use crate::peer::{
-    new_session_id, DataStream, DataStreamReply, MigrateIn, MigrateInReply, Opening,
-    PEER_MESSAGE_LEN_MAX,
+    new_session_id, DataPlaneChoice, DataStream, DataStreamReply, MigrateIn, MigrateInReply,
+    Opening, RdmaOffer, PEER_MESSAGE_LEN_MAX,
 };
 use crate::registry::{Outgoing, Registry};
 
@@ -64,6 +69,8 @@ pub enum OutgoingError {
     Engine(#[source] EngineError),
     #[error("the migration engine panicked: {message}")]
     EnginePanicked { message: String },
+    #[error("--transport rdma: {reason}")]
+    Rdma { reason: String },
 }
 
 /// An outgoing migration as the `Migrate` request asked for it.
@@ -166,6 +173,10 @@ struct Connected {
     data: Vec<TcpStream>,
     /// The disk's bulk and mirror lanes, when the VM has a disk.
     disk_lanes: Option<(TcpStream, TcpStream)>,
+    /// The RDMA lanes, when they carry the data instead of the TCP streams.
+    rdma: Option<OutgoingTransports>,
+    /// Which transport and why.
+    transport_note: String,
     prefault_ms: f64,
 }
 
@@ -237,18 +248,39 @@ fn migrate(
         control,
         data,
         disk_lanes,
+        rdma,
+        transport_note,
         prefault_ms,
     } = connected;
+    info!(vm = %vm.spec().name, transport = %transport_note, "data plane chosen");
 
-    let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
-    let disk_link = match disk_lanes {
-        Some((bulk, mirror)) => {
-            let sizes = vm.disks().iter().map(|d| d.size()).collect();
-            let link = TcpDiskSource::new(bulk, mirror, sizes, streams as usize)
-                .map_err(OutgoingError::Transport)?;
-            Some(Arc::new(link) as Arc<dyn DiskSource>)
+    let mut rdma_report = None;
+    let (transport, disk_link): (Arc<dyn SourceTransport>, Option<Arc<dyn DiskSource>>) = match rdma
+    {
+        Some(rdma) => {
+            rdma_report = Some((
+                rdma.device.clone(),
+                rdma.counters.clone(),
+                rdma.disk_counters.clone(),
+            ));
+            (
+                Arc::new(rdma.memory),
+                rdma.disk.map(|d| Arc::new(d) as Arc<dyn DiskSource>),
+            )
         }
-        None => None,
+        None => {
+            let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
+            let disk_link = match disk_lanes {
+                Some((bulk, mirror)) => {
+                    let sizes = vm.disks().iter().map(|d| d.size()).collect();
+                    let link = TcpDiskSource::new(bulk, mirror, sizes, streams as usize)
+                        .map_err(OutgoingError::Transport)?;
+                    Some(Arc::new(link) as Arc<dyn DiskSource>)
+                }
+                None => None,
+            };
+            (transport, disk_link)
+        }
     };
     let mut throttle = ProgressThrottle::new(PROGRESS_INTERVAL);
     let mut on_progress = |progress: &Progress| {
@@ -269,7 +301,23 @@ fn migrate(
         cancel,
     };
     match catch_unwind(AssertUnwindSafe(|| migrate_out(ctx, &mut on_progress))) {
-        Ok(result) => result.map_err(OutgoingError::Engine),
+        Ok(result) => result.map_err(OutgoingError::Engine).map(|mut report| {
+            report.transport_note = transport_note;
+            report.rdma = rdma_report.map(|(device, memory, disk)| {
+                let load = |c: &Option<Arc<RdmaCounters>>, f: fn(&RdmaCounters) -> &AtomicU64| {
+                    c.as_ref().map_or(0, |c| f(c).load(Ordering::Relaxed))
+                };
+                RdmaReport {
+                    device,
+                    memory_writes: memory.writes.load(Ordering::Relaxed),
+                    memory_write_bytes: memory.write_bytes.load(Ordering::Relaxed),
+                    memory_sends: memory.sends.load(Ordering::Relaxed),
+                    disk_writes: load(&disk, |c| &c.writes),
+                    disk_write_bytes: load(&disk, |c| &c.write_bytes),
+                }
+            });
+            report
+        }),
         Err(panic) => Err(OutgoingError::EnginePanicked {
             message: panic_message(&panic),
         }),
@@ -293,25 +341,54 @@ fn handshake(
         }
     };
     let streams = request.params.streams as u32;
+    let mut control = connect(to)?;
+    let (local_ip, peer_ip) = match (control.local_addr(), control.peer_addr()) {
+        (Ok(local), Ok(peer)) => (local.ip(), peer.ip()),
+        (Err(source), _) | (_, Err(source)) => {
+            return Err(OutgoingError::Socket {
+                op: "reading the control connection's addresses",
+                source,
+            })
+        }
+    };
+    let choice = request.params.transport;
+    let (want_rdma, mut transport_note) = match choice {
+        TransportChoice::Tcp => (false, "tcp (--transport tcp)".to_string()),
+        TransportChoice::Auto | TransportChoice::Rdma => {
+            match device_for(Some(local_ip), peer_ip) {
+                Ok(device) => (true, format!("rdma on {device}")),
+                Err(e) if choice == TransportChoice::Rdma => {
+                    return Err(OutgoingError::Rdma {
+                        reason: error_chain(&e),
+                    })
+                }
+                Err(e) => (false, format!("tcp (auto: {})", error_chain(&e))),
+            }
+        }
+    };
     let opening = MigrateIn {
         session,
         spec: vm.spec().clone(),
         streams,
         direct_io: request.params.direct_io,
         start_paused: request.params.start_paused,
+        rdma: want_rdma,
     };
     let connections = opening.data_connections();
-    let mut control = connect(to)?;
     write_message(&mut control, &Opening::MigrateIn(opening))
         .map_err(failed("sending MigrateIn"))?;
     let gib = spec_memory_gib(vm.spec().memory_bytes);
     let accept_deadline = Instant::now() + ACCEPT_TIMEOUT_BASE + ACCEPT_TIMEOUT_PER_GIB * gib;
     wait_readable(&control, accept_deadline, cancel, to)?;
+    let offer: RdmaOffer;
     set_read_timeout(&control, Some(DATA_STREAMS_TIMEOUT))?;
     let prefault_ms = match read_message(&mut control, PEER_MESSAGE_LEN_MAX)
         .map_err(failed("waiting for the answer to MigrateIn"))?
     {
-        MigrateInReply::Accepted { prefault_ms } => prefault_ms,
+        MigrateInReply::Accepted { prefault_ms, rdma } => {
+            offer = rdma;
+            prefault_ms
+        }
         MigrateInReply::Refused { reason } => {
             return Err(OutgoingError::Refused {
                 to: to.into(),
@@ -340,6 +417,59 @@ fn handshake(
                 source,
             })?;
     }
+    // The TCP streams are open whatever happens next: an RDMA lane that fails to connect
+    // falls back to them under `auto`.
+    let rdma = match (want_rdma, offer) {
+        (false, _) => None,
+        (true, RdmaOffer::Listening { port, device }) => {
+            let disk_sizes =
+                (connections > streams).then(|| vm.disks().iter().map(|d| d.size()).collect());
+            match connect_outgoing(
+                local_ip,
+                std::net::SocketAddr::new(peer_ip, port),
+                session,
+                streams as usize,
+                disk_sizes,
+                Arc::clone(vm.memory()),
+                Instant::now() + DATA_STREAMS_TIMEOUT,
+            ) {
+                Ok(rdma) => {
+                    transport_note =
+                        format!("rdma ({} here, {device} at the destination)", rdma.device);
+                    Some(rdma)
+                }
+                Err(e) if choice == TransportChoice::Rdma => {
+                    return Err(OutgoingError::Rdma {
+                        reason: format!("connecting the RDMA lanes: {}", error_chain(&e)),
+                    })
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "RDMA lanes failed to connect; using TCP");
+                    transport_note = format!("tcp (auto: RDMA lanes failed: {})", error_chain(&e));
+                    None
+                }
+            }
+        }
+        (true, RdmaOffer::Unavailable { reason }) if choice == TransportChoice::Rdma => {
+            return Err(OutgoingError::Rdma {
+                reason: format!("the destination cannot use RDMA: {reason}"),
+            })
+        }
+        (true, RdmaOffer::Unavailable { reason }) => {
+            transport_note = format!("tcp (auto: the destination cannot use RDMA: {reason})");
+            None
+        }
+        (true, RdmaOffer::NotAsked) => {
+            transport_note = "tcp (the destination did not answer the RDMA request)".into();
+            None
+        }
+    };
+    let chosen = if rdma.is_some() {
+        DataPlaneChoice::Rdma
+    } else {
+        DataPlaneChoice::Tcp
+    };
+    write_message(&mut control, &chosen).map_err(failed("sending the data plane choice"))?;
     let disk_lanes = if connections > streams {
         let mirror = data.pop().expect("a disk adds two connections");
         let bulk = data.pop().expect("a disk adds two connections");
@@ -352,6 +482,8 @@ fn handshake(
         control,
         data,
         disk_lanes,
+        rdma,
+        transport_note,
         prefault_ms,
     })
 }

@@ -259,6 +259,19 @@ impl BlockRing {
         &mut self.buffers[index]
     }
 
+    /// Address and length of ring buffer `index`, for registering it with another device
+    /// (an RDMA NIC that writes payloads into it). The address is stable for the ring's
+    /// life; whoever lets a device write there must keep it from doing so while a request
+    /// on the buffer is in flight, and must stop it before the ring is dropped.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is out of range (a caller bug, like indexing a slice out of bounds).
+    pub fn buffer_region(&mut self, index: usize) -> (*mut u8, usize) {
+        let buf = &mut self.buffers[index];
+        (buf.as_mut_ptr(), buf.len())
+    }
+
     fn assert_idle(&self, index: usize) {
         if let Err(e) = self.check_idle(index) {
             panic!("{e}");

@@ -69,6 +69,47 @@ pub struct MigrationParams {
     /// the ones its agent created (for inspection, or to compare with the destination's).
     #[serde(default)]
     pub keep_source_disks: bool,
+    /// Which data path carries pages and disk blocks.
+    #[serde(default)]
+    pub transport: TransportChoice,
+}
+
+/// `--transport auto|rdma|tcp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// RDMA when a local device reaches the peer and the peer's agent can listen on one;
+    /// otherwise TCP (the report says why).
+    #[default]
+    Auto,
+    /// RDMA or fail, with the reason.
+    Rdma,
+    /// TCP streams only.
+    Tcp,
+}
+
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Rdma => "rdma",
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "rdma" => Ok(Self::Rdma),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!(
+                "transport must be auto, rdma or tcp, not {other:?}"
+            )),
+        }
+    }
 }
 
 fn disk_chunk_bytes_default() -> u32 {
@@ -96,6 +137,7 @@ impl Default for MigrationParams {
             direct_io: DirectIo::Auto,
             start_paused: false,
             keep_source_disks: false,
+            transport: TransportChoice::Auto,
         }
     }
 }
@@ -247,6 +289,12 @@ pub struct MigrationReport {
     /// bytes_sent over the time spent sending.
     pub throughput_bytes_per_s: f64,
     pub transport: String,
+    /// Why this transport (`auto`'s choice and its reason, the RDMA device).
+    #[serde(default)]
+    pub transport_note: String,
+    /// What the RDMA transport's device did (None over TCP): proof that it carried the data.
+    #[serde(default)]
+    pub rdma: Option<RdmaReport>,
     pub streams: usize,
     /// Dirty tracker used on the source.
     pub tracker: String,
@@ -269,6 +317,22 @@ pub struct MigrationReport {
     pub disk_copy_ms: f64,
     #[serde(default)]
     pub disks: Vec<DiskReport>,
+}
+
+/// RDMA work the source posted during a migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RdmaReport {
+    pub device: String,
+    /// RDMA WRITEs of guest pages and the bytes they moved.
+    pub memory_writes: u64,
+    pub memory_write_bytes: u64,
+    /// Announcements (SENDs) of memory batches.
+    pub memory_sends: u64,
+    /// RDMA WRITEs of disk chunks and mirrored writes, and their bytes.
+    #[serde(default)]
+    pub disk_writes: u64,
+    #[serde(default)]
+    pub disk_write_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,9 @@
 //! can never land out of order.
 
 pub mod ack;
+mod disk_landing;
+mod ledger;
+pub mod rdma;
 pub mod tcp;
 pub mod tcp_disk;
 
@@ -82,6 +85,11 @@ pub enum TransportError {
     UnexpectedDiskFrame { stream: usize, what: String },
     #[error("disk link {stream}")]
     Disk { stream: usize, source: DiskError },
+    #[error("RDMA lane {stream}")]
+    Rdma {
+        stream: usize,
+        source: rdma::RdmaError,
+    },
 }
 
 /// What a receiving stream reports to the destination engine.

@@ -19,11 +19,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 
-use super::{
-    stream_for_page, DestinationTransport, ReceiveEvent, SourceTransport, TransportError,
-    BLOCK_PAGES,
-};
-use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH};
+use super::ledger::{check_owner, Next, StreamLedger};
+use super::{DestinationTransport, ReceiveEvent, SourceTransport, TransportError};
+use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE};
 use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
 
 /// Payload bytes received per `readv`, then hashed while the kernel's copy is still in
@@ -141,24 +139,6 @@ impl SourceTransport for TcpSource {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
-}
-
-fn check_owner(
-    stream: usize,
-    streams: usize,
-    first: u64,
-    count: u32,
-) -> Result<(), TransportError> {
-    let last = first + count as u64 - 1;
-    let same_block = first as usize / BLOCK_PAGES == last as usize / BLOCK_PAGES;
-    if count == 0 || !same_block || stream_for_page(first as usize, streams) != stream {
-        return Err(TransportError::WrongStream {
-            stream,
-            first,
-            count: count as u64,
-        });
-    }
-    Ok(())
 }
 
 /// Writes every slice in `iov` (and empties it), returning the bytes written.
@@ -295,8 +275,7 @@ impl StreamReceiver {
         };
         let mut header = [0u8; FRAME_HEADER_LEN];
         let mut header_have = 0usize;
-        let mut round = 0u32;
-        let mut landed_in_round = 0u64;
+        let mut ledger = StreamLedger::new(stream, self.streams);
         loop {
             while header_have < FRAME_HEADER_LEN {
                 match socket.read(&mut header[header_have..]) {
@@ -316,28 +295,7 @@ impl StreamReceiver {
             }
             let frame = Frame::decode(&header, &self.limits).map_err(wire)?;
             header_have = 0;
-            match frame {
-                Frame::Pages {
-                    round: r,
-                    first,
-                    count,
-                }
-                | Frame::ZeroPages {
-                    round: r,
-                    first,
-                    count,
-                } => {
-                    if r != round {
-                        return Err(TransportError::Sequence {
-                            stream,
-                            round: r,
-                            expected: round,
-                        });
-                    }
-                    check_owner(stream, self.streams, first, count)?;
-                }
-                Frame::RoundEnd { .. } => {}
-            }
+            ledger.admit(&frame)?;
             match frame {
                 Frame::Pages { first, count, .. } => {
                     let (first, count) = (first as usize, count as usize);
@@ -385,45 +343,15 @@ impl StreamReceiver {
                         }
                     }
                     self.digest.apply(delta);
-                    landed_in_round += count as u64;
+                    ledger.landed(count as u32);
                 }
                 Frame::ZeroPages { first, count, .. } => {
-                    let (first, count) = (first as usize, count as usize);
-                    let delta = (first..first + count).fold(0u64, |acc, p| {
-                        self.memory.zero_page(p);
-                        acc.wrapping_add(self.digest.record(p, ZERO_PAGE_HASH))
-                    });
-                    self.digest.apply(delta);
-                    landed_in_round += count as u64;
+                    ledger.land_zero(&self.memory, &self.digest, first, count);
                 }
-                Frame::RoundEnd { round: r, pages } => {
-                    if r != round {
-                        return Err(TransportError::Sequence {
-                            stream,
-                            round: r,
-                            expected: round,
-                        });
-                    }
-                    if pages != landed_in_round {
-                        return Err(TransportError::CountMismatch {
-                            stream,
-                            round: r,
-                            claimed: pages,
-                            landed: landed_in_round,
-                        });
-                    }
-                    if events
-                        .send(ReceiveEvent::RoundEnd {
-                            stream,
-                            round: r,
-                            pages,
-                        })
-                        .is_err()
-                    {
+                Frame::RoundEnd { round, pages } => {
+                    if ledger.round_end(round, pages, events)? == Next::Stop {
                         return Ok(()); // the engine is gone; nothing left to report to
                     }
-                    round += 1;
-                    landed_in_round = 0;
                 }
             }
         }

@@ -23,10 +23,10 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use super::ack::{AckTable, TICKET_TAG_BIT};
+use super::disk_landing::Landing;
 use super::tcp::{prepare, stop};
 use super::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
-use crate::disk::{BlockRing, BLOCK_SIZE};
-use crate::memory::{page_hash, ZERO_PAGE_HASH};
+use crate::disk::BlockRing;
 use crate::wire::{read_exact_or_truncated, DiskFrame, WireError, ACK_OK, FRAME_HEADER_LEN};
 
 /// Lane indices, as reported in errors (after the memory streams' indices).
@@ -35,7 +35,7 @@ pub const MIRROR_LANE: usize = 1;
 /// Bytes the source's ack reader takes from its socket per read.
 const ACK_READ_BUFFER: usize = 64 * FRAME_HEADER_LEN;
 /// Writes the mirror lane keeps in flight on the destination.
-const MIRROR_QUEUE_DEPTH: u32 = 8;
+pub(crate) const MIRROR_QUEUE_DEPTH: u32 = 8;
 
 fn io_error(stream: usize, op: &'static str) -> impl Fn(std::io::Error) -> TransportError {
     move |source| TransportError::Io { stream, op, source }
@@ -325,10 +325,8 @@ impl DiskDestination for TcpDiskDestination {
             let receiver = LaneReceiver {
                 stream,
                 lane,
-                disks: Arc::clone(&disks),
                 sizes: disks.iter().map(|d| d.image.size()).collect(),
-                ring,
-                slots: (0..depth).map(|_| None).collect(),
+                landing: Landing::new(stream, Arc::clone(&disks), ring),
                 free: (0..depth as usize).rev().collect(),
                 header: [0u8; FRAME_HEADER_LEN],
                 header_have: 0,
@@ -359,22 +357,13 @@ impl Drop for TcpDiskDestination {
     }
 }
 
-/// A write queued in the ring: what to record and acknowledge when it completes.
-struct InFlight {
-    disk: u32,
-    id: u32,
-    first_block: usize,
-    hashes: Vec<u64>,
-}
-
 struct LaneReceiver {
     stream: usize,
     lane: usize,
-    disks: Arc<Vec<LandingDisk>>,
     sizes: Vec<u64>,
-    ring: BlockRing,
-    /// Per ring buffer: the write queued from it.
-    slots: Vec<Option<InFlight>>,
+    /// The ring, its disks, and the writes in flight.
+    landing: Landing,
+    /// Idle ring buffers.
     free: Vec<usize>,
     /// The next frame's header, and how much of it has arrived: a payload's last read also
     /// takes whatever of the next header is already there (one `readv`), so a busy lane
@@ -389,7 +378,7 @@ impl LaneReceiver {
         // Whatever happened, let queued writes finish before the buffers go away (the
         // ring's drop waits too); their acks no longer matter on error.
         if result.is_ok() {
-            self.reap(&mut socket, self.ring.in_flight())?;
+            self.reap(&mut socket, self.landing.ring().in_flight())?;
         }
         result
     }
@@ -403,7 +392,8 @@ impl LaneReceiver {
             // may be waiting for exactly those acknowledgements.
             self.reap(socket, 0)?;
             if self.header_have < FRAME_HEADER_LEN {
-                if self.ring.in_flight() > 0 && !wait_readable(socket, self.ring.as_raw_fd()) {
+                let ring = self.landing.ring();
+                if ring.in_flight() > 0 && !wait_readable(socket, ring.as_raw_fd()) {
                     continue;
                 }
                 match socket.read(&mut self.header[self.header_have..]) {
@@ -474,31 +464,17 @@ impl LaneReceiver {
         len: u32,
     ) -> Result<(), TransportError> {
         let stream = self.stream;
-        if len as usize > self.ring.buffer_len() {
-            return Err(TransportError::DiskRequestTooLarge {
-                stream,
-                len,
-                limit: self.ring.buffer_len(),
-            });
+        let limit = self.landing.ring().buffer_len();
+        if len as usize > limit {
+            return Err(TransportError::DiskRequestTooLarge { stream, len, limit });
         }
         while self.free.is_empty() {
             self.reap(socket, 1)?;
         }
         let index = self.free.pop().expect("a free buffer");
-        let buf = &mut self.ring.buffer_mut(index)[..len as usize];
+        let buf = &mut self.landing.ring_mut().buffer_mut(index)[..len as usize];
         read_payload(socket, buf, &mut self.header, &mut self.header_have, stream)?;
-        let hashes: Vec<u64> = buf.chunks_exact(BLOCK_SIZE).map(page_hash).collect();
-        let landing = &self.disks[disk as usize];
-        self.ring
-            .write(&landing.image, index, offset, len as usize, index as u64)
-            .map_err(|source| TransportError::Disk { stream, source })?;
-        self.slots[index] = Some(InFlight {
-            disk,
-            id,
-            first_block: (offset / BLOCK_SIZE as u64) as usize,
-            hashes,
-        });
-        Ok(())
+        self.landing.write(index, disk, id, offset, len)
     }
 
     fn land_zero(
@@ -509,77 +485,19 @@ impl LaneReceiver {
         offset: u64,
         len: u32,
     ) -> Result<(), TransportError> {
-        let landing = &self.disks[disk as usize];
-        if !landing.fresh {
-            landing
-                .image
-                .zero_range(offset, len as u64)
-                .map_err(|source| TransportError::Disk {
-                    stream: self.stream,
-                    source,
-                })?;
-        }
-        landing.digest.record_run(
-            (offset / BLOCK_SIZE as u64) as usize,
-            std::iter::repeat_n(ZERO_PAGE_HASH, len as usize / BLOCK_SIZE),
-        );
+        self.landing.zero(disk, offset, len)?;
         self.ack(socket, disk, id, ACK_OK)
     }
 
     /// Collects at least `min` completed writes: records their hashes, then acknowledges.
     fn reap(&mut self, socket: &mut TcpStream, min: usize) -> Result<(), TransportError> {
-        if self.ring.in_flight() == 0 {
-            return Ok(());
-        }
-        let stream = self.stream;
-        let done = self
-            .ring
-            .complete(min)
-            .map_err(|source| TransportError::Disk { stream, source })?;
         // One write for all the acknowledgements of this batch.
-        let mut acks: Vec<u8> = Vec::with_capacity(done.len() * FRAME_HEADER_LEN);
-        let mut failure = None;
-        for completion in done {
-            let index = completion.user_data as usize;
-            let Some(flight) = self.slots.get_mut(index).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(index);
-            let status = match completion.result {
-                Ok(_) => {
-                    self.disks[flight.disk as usize]
-                        .digest
-                        .record_run(flight.first_block, flight.hashes);
-                    ACK_OK
-                }
-                Err(source) => {
-                    let errno = source.raw_os_error().unwrap_or(libc::EIO) as u32;
-                    let image = &self.disks[flight.disk as usize].image;
-                    failure.get_or_insert(TransportError::Disk {
-                        stream,
-                        source: crate::disk::DiskError::Io {
-                            path: image.path().to_path_buf(),
-                            op: "writing a received disk chunk",
-                            offset: flight.first_block as u64 * BLOCK_SIZE as u64,
-                            source,
-                        },
-                    });
-                    errno
-                }
-            };
-            acks.extend_from_slice(
-                &DiskFrame::Ack {
-                    disk: flight.disk,
-                    id: flight.id,
-                    status,
-                }
-                .encode(),
-            );
-        }
+        let mut acks: Vec<u8> = Vec::new();
+        let failure = self.landing.reap(min, &mut acks, &mut self.free)?;
         let sent = if acks.is_empty() {
             Ok(())
         } else {
-            write_frame(socket, &acks, &[], stream)
+            write_frame(socket, &acks, &[], self.stream)
         };
         match failure {
             Some(error) => Err(error),
@@ -685,8 +603,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::disk::{AlignedBuf, DirectIo, DiskImage};
-    use crate::memory::MemoryDigest;
+    use crate::disk::{AlignedBuf, DirectIo, DiskImage, BLOCK_SIZE};
+    use crate::memory::{page_hash, MemoryDigest};
     use crate::wire::WireError;
 
     const SIZE: u64 = 4 << 20;

@@ -16,6 +16,11 @@ use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::UffdWpTracker;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::transport::rdma::memory::RdmaSource;
+use ferry_dataplane::transport::rdma::session::{
+    connect_outgoing, IncomingRdma, IncomingTransports,
+};
+use ferry_dataplane::transport::rdma::test_addresses;
 use ferry_dataplane::transport::tcp::{TcpDestination, TcpSource};
 use ferry_dataplane::transport::tcp_disk::{TcpDiskDestination, TcpDiskSource};
 use ferry_dataplane::transport::{DiskSource, SourceTransport, TransportError};
@@ -47,6 +52,10 @@ pub fn kernel_tracker(vm: &ReferenceVm) -> UffdWpTracker {
 }
 
 pub struct Link {
+    /// The source's RDMA memory transport, when the tests run over RDMA
+    /// (`FERRY_TEST_TRANSPORT=rdma`, inside ../shared/rxe-vm): memory and disk then travel
+    /// over RDMA lanes and the TCP data streams stay idle.
+    pub rdma: Option<Arc<RdmaSource>>,
     pub source_control: TcpStream,
     pub source_data: Vec<TcpStream>,
     pub destination_control: TcpStream,
@@ -54,6 +63,47 @@ pub struct Link {
     /// Bulk and mirror lanes, when the VM has disks.
     pub source_disk: Vec<TcpStream>,
     pub destination_disk: Vec<TcpStream>,
+}
+
+/// The engine tests run over RDMA when `FERRY_TEST_TRANSPORT=rdma` (CI sets it inside the
+/// soft-RoCE VM); TCP otherwise.
+pub fn over_rdma() -> bool {
+    std::env::var("FERRY_TEST_TRANSPORT").is_ok_and(|v| v == "rdma")
+}
+
+static RDMA_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Both sides' RDMA transports for one migration between `vm` and `incoming`.
+fn rdma_pair(
+    vm: &ReferenceVm,
+    incoming: &ReferenceVm,
+    streams: usize,
+    disks: bool,
+) -> (
+    ferry_dataplane::transport::rdma::session::OutgoingTransports,
+    IncomingTransports,
+) {
+    let (a, b) = test_addresses().expect("FERRY_TEST_TRANSPORT=rdma needs an RDMA device");
+    let session = RDMA_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let listening = IncomingRdma::listen(b, Arc::clone(incoming.memory())).unwrap();
+    let port = listening.port();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sizes: Option<Vec<u64>> = disks.then(|| vm.disks().iter().map(|d| d.size()).collect());
+    std::thread::scope(|s| {
+        let accept = s
+            .spawn(|| listening.accept(session, streams, disks, deadline, &AtomicBool::new(false)));
+        let out = connect_outgoing(
+            a,
+            std::net::SocketAddr::new(b, port),
+            session,
+            streams,
+            sizes,
+            Arc::clone(vm.memory()),
+            deadline,
+        )
+        .unwrap();
+        (out, accept.join().unwrap().unwrap())
+    })
 }
 
 pub fn link(streams: usize) -> Link {
@@ -72,6 +122,7 @@ pub fn link_with_disks(streams: usize, disks: bool) -> Link {
     let (source_data, destination_data) = (0..streams).map(|_| pair()).unzip();
     let (source_disk, destination_disk) = (0..if disks { 2 } else { 0 }).map(|_| pair()).unzip();
     Link {
+        rdma: None,
         source_control,
         source_data,
         destination_control,
@@ -181,8 +232,15 @@ pub fn migrate_with(
     } = hooks;
     let has_disks = !vm.disks().is_empty();
     let mut link = link_with_disks(params.streams, has_disks);
+    let rdma_incoming = over_rdma().then(|| {
+        let (out, inc) = rdma_pair(vm, incoming, params.streams, has_disks);
+        let source = Arc::new(out.memory);
+        link.rdma = Some(source.clone());
+        (source, out.disk, inc)
+    });
     before(&mut link);
     let Link {
+        rdma: _,
         source_control,
         source_data,
         destination_control,
@@ -190,20 +248,41 @@ pub fn migrate_with(
         source_disk,
         destination_disk,
     } = link;
-    let transport = wrap(Arc::new(TcpSource::new(source_data).unwrap()));
     let sizes: Vec<u64> = vm.disks().iter().map(|d| d.size()).collect();
-    let (disk_link, disk_transport) = if has_disks {
-        let mut s = source_disk.into_iter();
-        let mut d = destination_disk.into_iter();
-        let source =
-            TcpDiskSource::new(s.next().unwrap(), s.next().unwrap(), sizes, params.streams)
-                .unwrap();
-        let destination: Box<dyn ferry_dataplane::transport::DiskDestination> = Box::new(
-            TcpDiskDestination::new(d.next().unwrap(), d.next().unwrap(), params.streams).unwrap(),
-        );
-        (Some(wrap_disk(Arc::new(source))), Some(destination))
-    } else {
-        (None, None)
+    let (transport, disk_link, disk_transport, destination_transport) = match rdma_incoming {
+        Some((source, disk_source, incoming_transports)) => (
+            wrap(source as Arc<dyn SourceTransport>),
+            disk_source.map(|d| wrap_disk(Arc::new(d))),
+            incoming_transports
+                .disk
+                .map(|d| Box::new(d) as Box<dyn ferry_dataplane::transport::DiskDestination>),
+            Box::new(incoming_transports.memory)
+                as Box<dyn ferry_dataplane::transport::DestinationTransport>,
+        ),
+        None => {
+            let transport = wrap(Arc::new(TcpSource::new(source_data).unwrap()));
+            let (disk_link, disk_transport) = if has_disks {
+                let mut s = source_disk.into_iter();
+                let mut d = destination_disk.into_iter();
+                let source =
+                    TcpDiskSource::new(s.next().unwrap(), s.next().unwrap(), sizes, params.streams)
+                        .unwrap();
+                let destination: Box<dyn ferry_dataplane::transport::DiskDestination> = Box::new(
+                    TcpDiskDestination::new(d.next().unwrap(), d.next().unwrap(), params.streams)
+                        .unwrap(),
+                );
+                (Some(wrap_disk(Arc::new(source))), Some(destination))
+            } else {
+                (None, None)
+            };
+            (
+                transport,
+                disk_link,
+                disk_transport,
+                Box::new(TcpDestination::new(destination_data).unwrap())
+                    as Box<dyn ferry_dataplane::transport::DestinationTransport>,
+            )
+        }
     };
     let destination_cancel = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -211,7 +290,7 @@ pub fn migrate_with(
             migrate_in(DestinationContext {
                 guest: incoming,
                 control: destination_control,
-                transport: Box::new(TcpDestination::new(destination_data).unwrap()),
+                transport: destination_transport,
                 disk_transport,
                 fresh_disks: true,
                 start_paused: params.start_paused,

@@ -120,7 +120,12 @@ fn tiny_and_unevenly_split_vms_verify() {
         s.memory_bytes = pages * 4096;
         s.vcpus = vcpus;
         let vm = ReferenceVm::boot(s).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        // Every vCPU has stepped (a loaded host may take longer than a fixed sleep).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while vm.status().steps.iter().any(|&s| s == 0) {
+            assert!(std::time::Instant::now() < deadline, "a vCPU never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let report = vm.verify().unwrap();
         assert!(report.ok, "{pages} pages, {vcpus} vCPUs: {report:?}");
         assert!(report.steps.iter().all(|&s| s > 0), "{report:?}");
