@@ -122,7 +122,7 @@ fn tiny_and_unevenly_split_vms_verify() {
         let vm = ReferenceVm::boot(s).unwrap();
         // Every vCPU has stepped (a loaded host may take longer than a fixed sleep).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while vm.status().steps.iter().any(|&s| s == 0) {
+        while vm.status().steps.contains(&0) {
             assert!(std::time::Instant::now() < deadline, "a vCPU never ran");
             std::thread::sleep(Duration::from_millis(5));
         }
