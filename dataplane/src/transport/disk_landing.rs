@@ -8,10 +8,90 @@
 
 use std::sync::Arc;
 
+use super::tcp_disk::{BULK_LANE, MIRROR_LANE};
 use super::{LandingDisk, TransportError};
 use crate::disk::{BlockRing, DiskError, BLOCK_SIZE};
 use crate::memory::{page_hash, ZERO_PAGE_HASH};
 use crate::wire::{DiskFrame, ACK_OK};
+
+/// What a disk request asks of a lane's receiver, once its frame was checked against the
+/// lane: data to land (a bulk chunk on the bulk lane, a guest write on the mirror lane)
+/// or a zero chunk (bulk lane).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Request {
+    Data {
+        disk: u32,
+        id: u32,
+        offset: u64,
+        len: u32,
+    },
+    Zero {
+        disk: u32,
+        id: u32,
+        offset: u64,
+        len: u32,
+    },
+}
+
+/// `frame` as a request of lane `lane` ([`BULK_LANE`] or [`MIRROR_LANE`]); any other kind
+/// of frame on that lane is refused.
+pub(crate) fn lane_request(
+    stream: usize,
+    lane: usize,
+    frame: DiskFrame,
+) -> Result<Request, TransportError> {
+    match (lane, frame) {
+        (
+            BULK_LANE,
+            DiskFrame::Chunk {
+                disk,
+                id,
+                offset,
+                len,
+            },
+        )
+        | (
+            MIRROR_LANE,
+            DiskFrame::Write {
+                disk,
+                id,
+                offset,
+                len,
+            },
+        ) => Ok(Request::Data {
+            disk,
+            id,
+            offset,
+            len,
+        }),
+        (
+            BULK_LANE,
+            DiskFrame::Zero {
+                disk,
+                id,
+                offset,
+                len,
+            },
+        ) => Ok(Request::Zero {
+            disk,
+            id,
+            offset,
+            len,
+        }),
+        (_, other) => Err(TransportError::UnexpectedDiskFrame {
+            stream,
+            what: format!("{other:?} on the {} lane", lane_name(lane)),
+        }),
+    }
+}
+
+pub(crate) fn lane_name(lane: usize) -> &'static str {
+    if lane == BULK_LANE {
+        "bulk"
+    } else {
+        "mirror"
+    }
+}
 
 /// A write queued in the ring: what to record and acknowledge when it completes.
 struct InFlight {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::disk::{DiskError, DiskImage};
 use crate::memory::{GuestMemory, MemoryDigest};
-use crate::wire::{Frame, WireError};
+use crate::wire::{self, Frame, WireError};
 
 /// Pages per block: the unit of the page-to-stream mapping (1 MiB).
 pub const BLOCK_PAGES: usize = 256;
@@ -106,6 +106,78 @@ pub enum ReceiveEvent {
         stream: usize,
         error: TransportError,
     },
+}
+
+/// Starts a receiver thread named `name` for `stream`: it runs `run` and reports an error
+/// it returns to the engine as [`ReceiveEvent::Failed`] (a clean end reports nothing).
+pub(crate) fn spawn_receiver(
+    name: String,
+    stream: usize,
+    events: crossbeam_channel::Sender<ReceiveEvent>,
+    run: impl FnOnce(&crossbeam_channel::Sender<ReceiveEvent>) -> Result<(), TransportError>
+        + Send
+        + 'static,
+) -> Result<std::thread::JoinHandle<()>, TransportError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            if let Err(error) = run(&events) {
+                let _ = events.send(ReceiveEvent::Failed { stream, error });
+            }
+        })
+        .map_err(|source| TransportError::Io {
+            stream,
+            op: "spawning a receiver",
+            source,
+        })
+}
+
+/// The frame of bulk-copy request `id`: `len` bytes at `offset` of `disk`, carrying data
+/// or (`zero`) a zero marker.
+pub(crate) fn chunk_frame(
+    disk: u32,
+    offset: u64,
+    len: u32,
+    zero: bool,
+) -> impl Fn(u32) -> wire::DiskFrame {
+    move |id| {
+        if zero {
+            wire::DiskFrame::Zero {
+                disk,
+                id,
+                offset,
+                len,
+            }
+        } else {
+            wire::DiskFrame::Chunk {
+                disk,
+                id,
+                offset,
+                len,
+            }
+        }
+    }
+}
+
+/// The frame of mirrored write request `id` of `data` at `offset` of `disk` (`stream` is
+/// the mirror lane's number in errors).
+pub(crate) fn mirror_frame(
+    stream: usize,
+    disk: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<impl Fn(u32) -> wire::DiskFrame, TransportError> {
+    let len = u32::try_from(data.len()).map_err(|_| TransportError::DiskRequestTooLarge {
+        stream,
+        len: u32::MAX,
+        limit: u32::MAX as usize,
+    })?;
+    Ok(move |id| wire::DiskFrame::Write {
+        disk,
+        id,
+        offset,
+        len,
+    })
 }
 
 /// The sending half. Each stream is driven by one thread at a time.

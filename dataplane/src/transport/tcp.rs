@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 
 use super::ledger::{check_owner, Next, StreamLedger};
-use super::{DestinationTransport, ReceiveEvent, SourceTransport, TransportError};
+use super::{spawn_receiver, DestinationTransport, ReceiveEvent, SourceTransport, TransportError};
 use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE};
 use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
 
@@ -219,22 +219,12 @@ impl DestinationTransport for TcpDestination {
                 digest: Arc::clone(&digest),
                 limits: FrameLimits::for_pages(memory.pages() as u64),
             };
-            let events = events.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ferry-rx-{index}"))
-                .spawn(move || {
-                    if let Err(error) = receiver.run(socket, &events) {
-                        let _ = events.send(ReceiveEvent::Failed {
-                            stream: index,
-                            error,
-                        });
-                    }
-                })
-                .map_err(|source| TransportError::Io {
-                    stream: index,
-                    op: "spawning a receiver",
-                    source,
-                })?;
+            let handle = spawn_receiver(
+                format!("ferry-rx-{index}"),
+                index,
+                events.clone(),
+                move |events| receiver.run(socket, events),
+            )?;
             self.receivers.push(handle);
         }
         Ok(())

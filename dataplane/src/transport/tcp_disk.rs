@@ -23,9 +23,12 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 
 use super::ack::{AckTable, TICKET_TAG_BIT};
-use super::disk_landing::Landing;
+use super::disk_landing::{lane_request, Landing, Request};
 use super::tcp::{prepare, stop};
-use super::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
+use super::{
+    chunk_frame, mirror_frame, spawn_receiver, DiskDestination, DiskSource, LandingDisk,
+    ReceiveEvent, TransportError,
+};
 use crate::disk::BlockRing;
 use crate::wire::{read_exact_or_truncated, DiskFrame, WireError, ACK_OK, FRAME_HEADER_LEN};
 
@@ -201,49 +204,14 @@ impl DiskSource for TcpDiskSource {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<u32, TransportError> {
-        match data {
-            Some(data) => {
-                debug_assert_eq!(data.len(), len as usize);
-                self.request(
-                    BULK_LANE,
-                    |id| DiskFrame::Chunk {
-                        disk,
-                        id,
-                        offset,
-                        len,
-                    },
-                    data,
-                )
-            }
-            None => self.request(
-                BULK_LANE,
-                |id| DiskFrame::Zero {
-                    disk,
-                    id,
-                    offset,
-                    len,
-                },
-                &[],
-            ),
-        }
+        debug_assert!(data.is_none_or(|d| d.len() == len as usize));
+        let frame = chunk_frame(disk, offset, len, data.is_none());
+        self.request(BULK_LANE, frame, data.unwrap_or(&[]))
     }
 
     fn send_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<u32, TransportError> {
-        let len = u32::try_from(data.len()).map_err(|_| TransportError::DiskRequestTooLarge {
-            stream: self.stream_base + MIRROR_LANE,
-            len: u32::MAX,
-            limit: u32::MAX as usize,
-        })?;
-        self.request(
-            MIRROR_LANE,
-            |id| DiskFrame::Write {
-                disk,
-                id,
-                offset,
-                len,
-            },
-            data,
-        )
+        let frame = mirror_frame(self.stream_base + MIRROR_LANE, disk, offset, data)?;
+        self.request(MIRROR_LANE, frame, data)
     }
 
     fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
@@ -332,15 +300,11 @@ impl DiskDestination for TcpDiskDestination {
                 header_have: 0,
             };
             let events = events.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ferry-disk-rx{lane}"))
-                .spawn(move || {
-                    let mut receiver = receiver;
-                    if let Err(error) = receiver.run(socket) {
-                        let _ = events.send(ReceiveEvent::Failed { stream, error });
-                    }
-                })
-                .map_err(io_error(stream, "spawning a disk receiver"))?;
+            let mut receiver = receiver;
+            let handle =
+                spawn_receiver(format!("ferry-disk-rx{lane}"), stream, events, move |_| {
+                    receiver.run(socket)
+                })?;
             self.receivers.push(handle);
         }
         Ok(())
@@ -416,40 +380,19 @@ impl LaneReceiver {
             }
             self.header_have = 0;
             let frame = DiskFrame::decode(&self.header, &self.sizes).map_err(wire)?;
-            match (self.lane, frame) {
-                (
-                    BULK_LANE,
-                    DiskFrame::Chunk {
-                        disk,
-                        id,
-                        offset,
-                        len,
-                    },
-                )
-                | (
-                    MIRROR_LANE,
-                    DiskFrame::Write {
-                        disk,
-                        id,
-                        offset,
-                        len,
-                    },
-                ) => self.land(socket, disk, id, offset, len)?,
-                (
-                    BULK_LANE,
-                    DiskFrame::Zero {
-                        disk,
-                        id,
-                        offset,
-                        len,
-                    },
-                ) => self.land_zero(socket, disk, id, offset, len)?,
-                (_, other) => {
-                    return Err(TransportError::UnexpectedDiskFrame {
-                        stream,
-                        what: format!("{other:?} on the {} lane", lane_name(self.lane)),
-                    })
-                }
+            match lane_request(stream, self.lane, frame)? {
+                Request::Data {
+                    disk,
+                    id,
+                    offset,
+                    len,
+                } => self.land(socket, disk, id, offset, len)?,
+                Request::Zero {
+                    disk,
+                    id,
+                    offset,
+                    len,
+                } => self.land_zero(socket, disk, id, offset, len)?,
             }
         }
     }
@@ -586,14 +529,6 @@ fn wait_readable(socket: &TcpStream, ring_fd: std::os::fd::RawFd) -> bool {
     // and the ring the caller holds).
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, WAIT_SLICE_MS) };
     ready > 0 && fds[0].revents != 0
-}
-
-fn lane_name(lane: usize) -> &'static str {
-    if lane == BULK_LANE {
-        "bulk"
-    } else {
-        "mirror"
-    }
 }
 
 #[cfg(test)]

@@ -48,9 +48,12 @@ use super::verbs::{
 use super::RdmaError;
 use crate::disk::{BlockRing, BLOCK_SIZE, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
 use crate::transport::ack::{AckTable, TICKET_TAG_BIT};
-use crate::transport::disk_landing::Landing;
+use crate::transport::disk_landing::{lane_request, Landing, Request};
 use crate::transport::tcp_disk::{BULK_LANE, MIRROR_LANE, MIRROR_QUEUE_DEPTH};
-use crate::transport::{DiskDestination, DiskSource, LandingDisk, ReceiveEvent, TransportError};
+use crate::transport::{
+    chunk_frame, mirror_frame, DiskDestination, DiskSource, LandingDisk, ReceiveEvent,
+    TransportError,
+};
 use crate::wire::{DiskFrame, FRAME_HEADER_LEN};
 
 /// Send work requests per lane (both sides).
@@ -208,14 +211,6 @@ fn rdma_error(stream: usize) -> impl Fn(RdmaError) -> TransportError {
 fn lane_failed(error: &str) -> TransportError {
     TransportError::LinkClosed {
         reason: error.to_string(),
-    }
-}
-
-fn lane_name(lane: usize) -> &'static str {
-    if lane == BULK_LANE {
-        "bulk"
-    } else {
-        "mirror"
     }
 }
 
@@ -532,49 +527,14 @@ impl DiskSource for RdmaDiskSource {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<u32, TransportError> {
-        match data {
-            Some(data) => {
-                debug_assert_eq!(data.len(), len as usize);
-                self.request(
-                    BULK_LANE,
-                    |id| DiskFrame::Chunk {
-                        disk,
-                        id,
-                        offset,
-                        len,
-                    },
-                    Some(data),
-                )
-            }
-            None => self.request(
-                BULK_LANE,
-                |id| DiskFrame::Zero {
-                    disk,
-                    id,
-                    offset,
-                    len,
-                },
-                None,
-            ),
-        }
+        debug_assert!(data.is_none_or(|d| d.len() == len as usize));
+        let frame = chunk_frame(disk, offset, len, data.is_none());
+        self.request(BULK_LANE, frame, data)
     }
 
     fn send_write(&self, disk: u32, offset: u64, data: &[u8]) -> Result<u32, TransportError> {
-        let len = u32::try_from(data.len()).map_err(|_| TransportError::DiskRequestTooLarge {
-            stream: self.stream_base + MIRROR_LANE,
-            len: u32::MAX,
-            limit: u32::MAX as usize,
-        })?;
-        self.request(
-            MIRROR_LANE,
-            |id| DiskFrame::Write {
-                disk,
-                id,
-                offset,
-                len,
-            },
-            Some(data),
-        )
+        let frame = mirror_frame(self.stream_base + MIRROR_LANE, disk, offset, data)?;
+        self.request(MIRROR_LANE, frame, Some(data))
     }
 
     fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
@@ -675,7 +635,10 @@ impl Completer {
     fn closed_reason(&self, lane: usize, status: u32, text: &str, what: &str) -> String {
         let stream = self.stream_base + lane;
         if status == FLUSH_STATUS {
-            format!("RDMA disk lane {stream} ({}) closed", lane_name(lane))
+            format!(
+                "RDMA disk lane {stream} ({}) closed",
+                crate::transport::disk_landing::lane_name(lane)
+            )
         } else {
             format!("RDMA disk lane {stream}: {what} failed: {text}")
         }
@@ -889,11 +852,7 @@ impl DiskDestination for RdmaDiskDestination {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.link.disconnect();
-        for h in self.receivers.drain(..) {
-            let _ = h.join();
-        }
+        self.link.stop_receivers(&self.stop, &mut self.receivers);
     }
 }
 
@@ -1107,25 +1066,13 @@ impl LaneReceiver {
         let frame = DiskFrame::decode(&message[..FRAME_HEADER_LEN], &self.sizes)
             .map_err(|source| TransportError::Wire { stream, source })?;
         let slot = u64::from_le_bytes(message[FRAME_HEADER_LEN..].try_into().expect("8 bytes"));
-        match (self.lane, frame) {
-            (
-                BULK_LANE,
-                DiskFrame::Chunk {
-                    disk,
-                    id,
-                    offset,
-                    len,
-                },
-            )
-            | (
-                MIRROR_LANE,
-                DiskFrame::Write {
-                    disk,
-                    id,
-                    offset,
-                    len,
-                },
-            ) => {
+        match lane_request(stream, self.lane, frame)? {
+            Request::Data {
+                disk,
+                id,
+                offset,
+                len,
+            } => {
                 let limit = self.landing.ring().buffer_len();
                 if len as usize > limit {
                     return Err(TransportError::DiskRequestTooLarge { stream, len, limit });
@@ -1143,15 +1090,12 @@ impl LaneReceiver {
                 }
                 self.landing.write(slot as usize, disk, id, offset, len)
             }
-            (
-                BULK_LANE,
-                DiskFrame::Zero {
-                    disk,
-                    id,
-                    offset,
-                    len,
-                },
-            ) => {
+            Request::Zero {
+                disk,
+                id,
+                offset,
+                len,
+            } => {
                 self.landing.zero(disk, offset, len)?;
                 self.acks.extend_from_slice(
                     &DiskFrame::Ack {
@@ -1163,10 +1107,6 @@ impl LaneReceiver {
                 );
                 Ok(())
             }
-            (_, other) => Err(TransportError::UnexpectedDiskFrame {
-                stream,
-                what: format!("{other:?} on the {} lane", lane_name(self.lane)),
-            }),
         }
     }
 

@@ -358,6 +358,16 @@ impl Link {
             .clone()
     }
 
+    /// Stops a side's receivers: raises `stop`, breaks every lane (which wakes them with
+    /// flushes) and joins them.
+    pub fn stop_receivers(&self, stop: &AtomicBool, receivers: &mut Vec<JoinHandle<()>>) {
+        stop.store(true, Ordering::Relaxed);
+        self.disconnect();
+        for h in receivers.drain(..) {
+            let _ = h.join();
+        }
+    }
+
     /// Breaks every lane now: posted work completes with flush errors on both sides.
     pub fn disconnect(&self) {
         for lane in &self.lanes {

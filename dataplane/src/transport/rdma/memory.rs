@@ -37,7 +37,9 @@ use super::verbs::{
 use super::RdmaError;
 use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH};
 use crate::transport::ledger::{check_owner, Next, StreamLedger};
-use crate::transport::{DestinationTransport, ReceiveEvent, SourceTransport, TransportError};
+use crate::transport::{
+    spawn_receiver, DestinationTransport, ReceiveEvent, SourceTransport, TransportError,
+};
 use crate::wire::frame::FRAME_PAGES_MAX;
 use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
 
@@ -584,30 +586,19 @@ impl DestinationTransport for RdmaDestination {
                 ledger: StreamLedger::new(stream, streams),
                 stop: self.stop.clone(),
             };
-            let events = events.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ferry-rdma-rx-{stream}"))
-                .spawn(move || {
-                    if let Err(error) = receiver.run(&events) {
-                        let _ = events.send(ReceiveEvent::Failed { stream, error });
-                    }
-                })
-                .map_err(|source| TransportError::Io {
-                    stream,
-                    op: "spawning a receiver",
-                    source,
-                })?;
+            let handle = spawn_receiver(
+                format!("ferry-rdma-rx-{stream}"),
+                stream,
+                events.clone(),
+                move |events| receiver.run(events),
+            )?;
             self.receivers.push(handle);
         }
         Ok(())
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.link.disconnect();
-        for h in self.receivers.drain(..) {
-            let _ = h.join();
-        }
+        self.link.stop_receivers(&self.stop, &mut self.receivers);
     }
 }
 
