@@ -3,7 +3,7 @@
 //! it, and whoever needs the outcome waits for it or polls it.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::TransportError;
@@ -133,6 +133,68 @@ impl AckTable {
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+        }
+    }
+}
+
+/// The tickets of a disk link's two lanes: the bulk lane's plain, the mirror lane's
+/// tagged, so a ticket says which table it belongs to.
+pub struct LaneTickets {
+    tables: [Arc<AckTable>; 2],
+}
+
+impl Default for LaneTickets {
+    fn default() -> Self {
+        Self {
+            tables: [
+                Arc::new(AckTable::tagged(0)),
+                Arc::new(AckTable::tagged(TICKET_TAG_BIT)),
+            ],
+        }
+    }
+}
+
+impl LaneTickets {
+    /// Lane `lane`'s table (0 bulk, 1 mirror), for the thread that completes its tickets.
+    pub fn lane(&self, lane: usize) -> &Arc<AckTable> {
+        &self.tables[lane]
+    }
+
+    /// The table a ticket came from.
+    fn table(&self, ticket: u32) -> &AckTable {
+        let mirror = &self.tables[1];
+        if mirror.owns(ticket) {
+            mirror
+        } else {
+            &self.tables[0]
+        }
+    }
+
+    /// Registers a ticket on `lane`, runs `send` with it, and forgets the ticket if the
+    /// send fails.
+    pub fn request<T>(
+        &self,
+        lane: usize,
+        send: impl FnOnce(u32) -> Result<T, TransportError>,
+    ) -> Result<u32, TransportError> {
+        let table = &self.tables[lane];
+        let id = table.register()?;
+        send(id).inspect_err(|_| table.forget(id))?;
+        Ok(id)
+    }
+
+    pub fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
+        self.table(ticket).wait(ticket, deadline)
+    }
+
+    pub fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
+        self.table(ticket).poll(ticket)
+    }
+
+    /// Fails every ticket of both lanes, now and from now on.
+    pub fn close(&self, reason: &str) {
+        for table in &self.tables {
+            table.close(reason);
         }
     }
 }

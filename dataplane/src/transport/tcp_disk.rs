@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::ack::{AckTable, TICKET_TAG_BIT};
+use super::ack::{AckTable, LaneTickets};
 use super::disk_landing::{lane_request, Landing, Request};
 use super::tcp::{prepare, stop};
 use super::{
@@ -76,7 +76,7 @@ pub struct TcpDiskSource {
     closers: Vec<TcpStream>,
     /// Tickets per lane (the mirror lane's carry the tag bit), so an ack on one lane never
     /// wakes a thread waiting on the other.
-    acks: [Arc<AckTable>; 2],
+    acks: LaneTickets,
     readers: Mutex<Vec<JoinHandle<()>>>,
     bytes: AtomicU64,
     /// Index of the bulk lane in errors (the mirror lane is the next).
@@ -93,10 +93,7 @@ impl TcpDiskSource {
         disk_sizes: Vec<u64>,
         stream_base: usize,
     ) -> Result<Self, TransportError> {
-        let acks = [
-            Arc::new(AckTable::tagged(0)),
-            Arc::new(AckTable::tagged(TICKET_TAG_BIT)),
-        ];
+        let acks = LaneTickets::default();
         let sockets = [bulk, mirror];
         let closers = prepare(&sockets, stream_base)?;
         let mut readers = Vec::new();
@@ -110,7 +107,7 @@ impl TcpDiskSource {
                     .try_clone()
                     .map_err(io_error(stream, "cloning a socket"))?,
             );
-            let acks = Arc::clone(&acks[lane]);
+            let acks = Arc::clone(acks.lane(lane));
             let sizes = disk_sizes.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("ferry-disk-ack{lane}"))
@@ -143,24 +140,14 @@ impl TcpDiskSource {
     }
 
     /// The table a ticket came from.
-    fn table(&self, ticket: u32) -> &AckTable {
-        if self.acks[MIRROR_LANE].owns(ticket) {
-            &self.acks[MIRROR_LANE]
-        } else {
-            &self.acks[BULK_LANE]
-        }
-    }
-
     fn request(
         &self,
         lane: usize,
         make: impl FnOnce(u32) -> DiskFrame,
         payload: &[u8],
     ) -> Result<u32, TransportError> {
-        let acks = &self.acks[lane];
-        let id = acks.register()?;
-        self.send(lane, make(id), payload)
-            .inspect_err(|_| acks.forget(id))
+        self.acks
+            .request(lane, |id| self.send(lane, make(id), payload))
     }
 }
 
@@ -215,11 +202,11 @@ impl DiskSource for TcpDiskSource {
     }
 
     fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
-        self.table(ticket).wait(ticket, deadline)
+        self.acks.wait(ticket, deadline)
     }
 
     fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
-        self.table(ticket).poll(ticket)
+        self.acks.poll(ticket)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -227,9 +214,7 @@ impl DiskSource for TcpDiskSource {
     }
 
     fn shutdown(&self) {
-        for acks in &self.acks {
-            acks.close("the disk link was shut down");
-        }
+        self.acks.close("the disk link was shut down");
         for s in &self.closers {
             let _ = s.shutdown(Shutdown::Both);
         }

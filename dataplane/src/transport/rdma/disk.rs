@@ -47,7 +47,7 @@ use super::verbs::{
 };
 use super::RdmaError;
 use crate::disk::{BlockRing, BLOCK_SIZE, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
-use crate::transport::ack::{AckTable, TICKET_TAG_BIT};
+use crate::transport::ack::LaneTickets;
 use crate::transport::disk_landing::{lane_request, Landing, Request};
 use crate::transport::tcp_disk::{BULK_LANE, MIRROR_LANE, MIRROR_QUEUE_DEPTH};
 use crate::transport::{
@@ -274,7 +274,7 @@ pub struct RdmaDiskSource {
     lanes: [Mutex<SourceLane>; 2],
     shared: [Arc<LaneShared>; 2],
     /// Tickets per lane (the mirror lane's carry the tag bit), as on TCP.
-    acks: [Arc<AckTable>; 2],
+    acks: Arc<LaneTickets>,
     bytes: AtomicU64,
     counters: Arc<RdmaCounters>,
     stream_base: usize,
@@ -333,10 +333,7 @@ impl RdmaDiskSource {
             Arc::new(LaneShared::default()),
             Arc::new(LaneShared::default()),
         ];
-        let acks = [
-            Arc::new(AckTable::tagged(0)),
-            Arc::new(AckTable::tagged(TICKET_TAG_BIT)),
-        ];
+        let acks = Arc::new(LaneTickets::default());
         let stop = Arc::new(AtomicBool::new(false));
         let completer = Completer {
             qps,
@@ -377,25 +374,14 @@ impl RdmaDiskSource {
     }
 
     /// The table a ticket came from.
-    fn table(&self, ticket: u32) -> &AckTable {
-        if self.acks[MIRROR_LANE].owns(ticket) {
-            &self.acks[MIRROR_LANE]
-        } else {
-            &self.acks[BULK_LANE]
-        }
-    }
-
     fn request(
         &self,
         lane: usize,
         make: impl FnOnce(u32) -> DiskFrame,
         payload: Option<&[u8]>,
     ) -> Result<u32, TransportError> {
-        let acks = &self.acks[lane];
-        let id = acks.register()?;
-        self.post(lane, id, make(id), payload)
-            .inspect_err(|_| acks.forget(id))?;
-        Ok(id)
+        self.acks
+            .request(lane, |id| self.post(lane, id, make(id), payload))
     }
 
     /// Waits for the staging slots, room in the send queue and (with a payload) a free
@@ -538,11 +524,11 @@ impl DiskSource for RdmaDiskSource {
     }
 
     fn wait(&self, ticket: u32, deadline: Instant) -> Result<(), TransportError> {
-        self.table(ticket).wait(ticket, deadline)
+        self.acks.wait(ticket, deadline)
     }
 
     fn poll(&self, ticket: u32) -> Option<Result<(), TransportError>> {
-        self.table(ticket).poll(ticket)
+        self.acks.poll(ticket)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -550,9 +536,7 @@ impl DiskSource for RdmaDiskSource {
     }
 
     fn shutdown(&self) {
-        for acks in &self.acks {
-            acks.close("the disk link was shut down");
-        }
+        self.acks.close("the disk link was shut down");
         self.stop.store(true, Ordering::Relaxed);
         self.link.disconnect();
         for shared in &self.shared {
@@ -581,7 +565,7 @@ struct Completer {
     /// Receive buffers per lane, [`SOURCE_RECEIVES`] of [`MESSAGE_BYTES`].
     receives: [RegisteredBuffer; 2],
     shared: [Arc<LaneShared>; 2],
-    acks: [Arc<AckTable>; 2],
+    acks: Arc<LaneTickets>,
     sizes: Vec<u64>,
     stream_base: usize,
     stop: Arc<AtomicBool>,
@@ -628,7 +612,7 @@ impl Completer {
         let mut state = self.shared[lane].lock();
         state.error.get_or_insert_with(|| reason.clone());
         drop(state);
-        self.acks[lane].close(reason);
+        self.acks.lane(lane).close(reason);
         self.shared[lane].changed.notify_all();
     }
 
@@ -748,7 +732,8 @@ impl Completer {
         for header in message.chunks_exact(FRAME_HEADER_LEN) {
             match DiskFrame::decode(header, &self.sizes) {
                 Ok(DiskFrame::Ack { id, status, .. }) => {
-                    self.acks[lane]
+                    self.acks
+                        .lane(lane)
                         .complete(id, status)
                         .map_err(|e| e.to_string())?;
                     let mut state = self.shared[lane].lock();
@@ -1313,7 +1298,7 @@ mod tests {
         slot: u64,
     ) -> u32 {
         staged(source, lane);
-        let id = source.acks[lane].register().unwrap();
+        let id = source.acks.lane(lane).register().unwrap();
         let mut l = source.lanes[lane].lock().unwrap();
         let seq = l.next_seq;
         let mut announcement = [0u8; ANNOUNCE_LEN];
@@ -1374,7 +1359,7 @@ mod tests {
             expected[offset..offset + data.len()].copy_from_slice(&data);
             payload += data.len();
             let t = h.source.send_write(0, offset as u64, &data).unwrap();
-            assert!(h.source.acks[MIRROR_LANE].owns(t));
+            assert!(h.source.acks.lane(MIRROR_LANE).owns(t));
             writes.push(t);
         }
         for &t in &writes {
@@ -1528,7 +1513,7 @@ mod tests {
         let Some(h) = harness(16, false, None) else {
             return;
         };
-        let ticket = h.source.acks[BULK_LANE].register().unwrap();
+        let ticket = h.source.acks.lane(BULK_LANE).register().unwrap();
         let started = Instant::now();
         std::thread::scope(|s| {
             let sender = s.spawn(|| h.source.send_write(0, 0, &[1u8; BLOCK_SIZE]));
