@@ -208,26 +208,28 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
             format!("{} pre-copy (stopped: {})", report.rounds, report.converged),
         ),
         ("throughput", format_rate(report.throughput_bytes_per_s)),
-        (
-            "transport",
-            match (&report.rdma, report.transport_note.is_empty()) {
-                (Some(rdma), _) => format!(
-                    "{} × {} streams — {}; {} RDMA WRITEs of memory ({}), {} of disk ({})",
-                    report.transport,
-                    report.streams,
-                    report.transport_note,
+        ("transport", {
+            // The note starts with the transport's name ("rdma (rxe0 here, …)").
+            let note = report
+                .transport_note
+                .strip_prefix(report.transport.as_str())
+                .unwrap_or(&report.transport_note)
+                .trim();
+            let mut row = format!("{} × {} streams", report.transport, report.streams);
+            if !note.is_empty() {
+                row = format!("{row} {note}");
+            }
+            if let Some(rdma) = &report.rdma {
+                row = format!(
+                    "{row}; RDMA WRITEs: {} of memory ({}), {} of disk ({})",
                     rdma.memory_writes,
                     format_bytes(rdma.memory_write_bytes),
                     rdma.disk_writes,
                     format_bytes(rdma.disk_write_bytes),
-                ),
-                (None, false) => format!(
-                    "{} × {} streams — {}",
-                    report.transport, report.streams, report.transport_note
-                ),
-                (None, true) => format!("{} × {} streams", report.transport, report.streams),
-            },
-        ),
+                );
+            }
+            row
+        }),
         ("tracker", report.tracker.clone()),
         ("throttle max", format!("{}%", report.throttle_percent_max)),
         (
