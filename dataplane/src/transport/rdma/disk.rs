@@ -80,8 +80,6 @@ const NO_SLOT: u64 = u64::MAX;
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// How long a failing destination lane waits for its refusal message to be delivered.
 const REFUSAL_WAIT: Duration = Duration::from_secs(1);
-/// `IBV_WC_WR_FLUSH_ERR`: the QP went to the error state (link closed).
-const FLUSH_STATUS: u32 = 5;
 
 const STAGING_MAGIC: u32 = u32::from_le_bytes(*b"FDSG");
 const REFUSAL_MAGIC: u32 = u32::from_le_bytes(*b"FDRF");
@@ -616,9 +614,9 @@ impl Completer {
         self.shared[lane].changed.notify_all();
     }
 
-    fn closed_reason(&self, lane: usize, status: u32, text: &str, what: &str) -> String {
+    fn closed_reason(&self, lane: usize, c: &Completion, text: &str, what: &str) -> String {
         let stream = self.stream_base + lane;
-        if status == FLUSH_STATUS {
+        if c.is_flush() {
             format!(
                 "RDMA disk lane {stream} ({}) closed",
                 crate::transport::disk_landing::lane_name(lane)
@@ -649,10 +647,8 @@ impl Completer {
             for c in completions.iter() {
                 match c.error {
                     None => state.completed = state.completed.max(c.wr_id + 1),
-                    Some((status, text)) => {
-                        failure.get_or_insert_with(|| {
-                            self.closed_reason(lane, status, text, "a send")
-                        });
+                    Some((_, text)) => {
+                        failure.get_or_insert_with(|| self.closed_reason(lane, c, text, "a send"));
                     }
                 }
             }
@@ -672,8 +668,8 @@ impl Completer {
             return;
         }
         for c in completions.iter() {
-            if let Some((status, text)) = c.error {
-                self.fail(lane, self.closed_reason(lane, status, text, "a receive"));
+            if let Some((_, text)) = c.error {
+                self.fail(lane, self.closed_reason(lane, c, text, "a receive"));
                 continue;
             }
             let slot = c.wr_id as usize;
@@ -991,10 +987,10 @@ impl LaneReceiver {
                 .poll(&mut completions, DEST_RECEIVES)
                 .map_err(rdma_error(stream))?;
             for c in &completions {
-                if let Some((status, text)) = c.error {
+                if let Some((_, text)) = c.error {
                     // A flush is how a closed link ends (the source finished, or shut the
                     // link down): like a clean close between frames on TCP.
-                    if status == FLUSH_STATUS || self.stop.load(Ordering::Relaxed) {
+                    if c.is_flush() || self.stop.load(Ordering::Relaxed) {
                         return Err(Stop::Ended);
                     }
                     return Err(Stop::Failed(TransportError::LinkClosed {
@@ -1145,8 +1141,8 @@ impl LaneReceiver {
             .poll(&mut completions, MESSAGE_SLOTS as usize)
             .map_err(rdma_error(stream))?;
         for c in &completions {
-            if let Some((status, text)) = c.error {
-                if status == FLUSH_STATUS || self.stop.load(Ordering::Relaxed) {
+            if let Some((_, text)) = c.error {
+                if c.is_flush() || self.stop.load(Ordering::Relaxed) {
                     return Err(Stop::Ended);
                 }
                 return Err(Stop::Failed(TransportError::LinkClosed {

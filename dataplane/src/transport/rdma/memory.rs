@@ -335,14 +335,21 @@ impl RdmaSource {
         Ok(())
     }
 
+    fn lane(&self, stream: usize) -> Result<std::sync::MutexGuard<'_, SourceLane>, TransportError> {
+        self.lanes
+            .get(stream)
+            .ok_or(TransportError::NoSuchStream {
+                stream,
+                streams: self.lanes.len(),
+            })?
+            .lock()
+            .map_err(|_| TransportError::Shutdown)
+    }
+
     /// Sends `bytes` as one announcement on `stream`, as is, with no writes: for tests
     /// that show the destination refuses what a broken or lying source could send.
     pub fn send_raw_announcement(&self, stream: usize, bytes: &[u8]) -> Result<(), TransportError> {
-        let lane = self.lanes.get(stream).ok_or(TransportError::NoSuchStream {
-            stream,
-            streams: self.lanes.len(),
-        })?;
-        let mut lane = lane.lock().map_err(|_| TransportError::Shutdown)?;
+        let mut lane = self.lane(stream)?;
         let mut headers = bytes[..bytes.len().min(ANNOUNCE_BYTES)].to_vec();
         self.post_batch(stream, &mut lane, &mut Vec::new(), &mut headers)
     }
@@ -405,14 +412,16 @@ impl SourceTransport for RdmaSource {
         memory: &GuestMemory,
         frames: &[Frame],
     ) -> Result<u64, TransportError> {
-        let lane = self.lanes.get(stream).ok_or(TransportError::NoSuchStream {
-            stream,
-            streams: self.lanes.len(),
-        })?;
+        if stream >= self.lanes.len() {
+            return Err(TransportError::NoSuchStream {
+                stream,
+                streams: self.lanes.len(),
+            });
+        }
         if memory.base_ptr() != self.memory.base_ptr() {
             return Err(rdma_error(stream, RdmaError::UnregisteredMemory));
         }
-        let mut lane = lane.lock().map_err(|_| TransportError::Shutdown)?;
+        let mut lane = self.lane(stream)?;
         let mut writes: Vec<WorkRequest> = Vec::new();
         let mut headers: Vec<u8> = Vec::with_capacity(ANNOUNCE_BYTES);
         let mut total = 0u64;
@@ -635,9 +644,7 @@ impl LaneReceiver {
                     // A flush is how a closed link ends (the source finished, or shut the
                     // link down): like a clean close between frames on TCP. The control
                     // channel tells the engine whether that was the end or a failure.
-                    if c.error.is_some_and(|(status, _)| status == FLUSH_STATUS)
-                        || self.stop.load(Ordering::Relaxed)
-                    {
+                    if c.is_flush() || self.stop.load(Ordering::Relaxed) {
                         return Ok(());
                     }
                     return Err(TransportError::LinkClosed {
@@ -725,9 +732,6 @@ impl LaneReceiver {
         Ok(Next::Continue)
     }
 }
-
-/// `IBV_WC_WR_FLUSH_ERR`: the QP went to the error state (link closed).
-const FLUSH_STATUS: u32 = 5;
 
 #[cfg(test)]
 mod tests {

@@ -772,6 +772,15 @@ pub struct Completion {
     pub is_recv: bool,
 }
 
+impl Completion {
+    /// A flush (`IBV_WC_WR_FLUSH_ERR`): the QP went to the error state because the link
+    /// was closed (by either side), not because this request itself failed.
+    pub fn is_flush(&self) -> bool {
+        self.error
+            .is_some_and(|(status, _)| status == sys::ibv_wc_status::IBV_WC_WR_FLUSH_ERR)
+    }
+}
+
 impl CompletionQueue {
     pub fn new(pd: &Arc<ProtectionDomain>, entries: u32) -> Result<Self, RdmaError> {
         let ctx = pd.context.as_ptr();
