@@ -208,8 +208,13 @@ fn a_data_link_lost_mid_precopy_fails_back() {
         |_| {},
         &AtomicBool::new(false),
     );
+    // Either side may notice first: the source's send fails, or the destination's receiver
+    // sees its stream cut and aborts the migration.
     assert!(
-        matches!(outcome.source, Err(EngineError::Transport(_))),
+        matches!(
+            outcome.source,
+            Err(EngineError::Transport(_) | EngineError::PeerAborted { .. })
+        ),
         "{:?}",
         outcome.source.as_ref().err()
     );
