@@ -316,6 +316,7 @@ fn migrate_into(
                     fresh_disks: true,
                     start_paused: false,
                     cancel: &destination_cancel,
+                    journal: &ferry_dataplane::engine::barrier::VolatileJournal,
                 })?)
             })?;
         let source_thread = std::thread::Builder::new()
@@ -337,6 +338,7 @@ fn migrate_into(
                         started,
                         prefault_ms: incoming.vm.prefault_ms(),
                         cancel: &source_cancel,
+                        journal: &ferry_dataplane::engine::barrier::VolatileJournal,
                     },
                     &mut on_progress,
                 )?)

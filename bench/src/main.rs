@@ -13,6 +13,7 @@
 //! - `rdma`: the memory stream over RDMA against TCP and `ib_write_bw` between the same
 //!   two soft-RoCE devices (inside ../shared/rxe-vm: `bench/rxe`).
 //! - `all`: memory, tracking and disk, with defaults.
+//! - `simulate`: the seeded simulation of the swap barrier (invariants, not A/B).
 //!
 //! Tables go to stdout (`--json` for machine-readable results), progress to stderr.
 
@@ -31,6 +32,7 @@ mod memory;
 mod qemu;
 mod rdma;
 mod report;
+mod simulate;
 mod tracking;
 
 #[derive(Parser, Debug)]
@@ -62,6 +64,8 @@ enum Command {
     Rdma(RdmaArgs),
     /// Memory, tracking and disk, with their defaults.
     All,
+    /// The seeded simulation of the swap barrier: invariants over many seeds (not A/B).
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -227,6 +231,11 @@ impl Host {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The simulation sets up its own logging (the faults it injects are not news).
+    let command = match cli.command {
+        Command::Simulate(args) => return simulate::run(args, cli.json),
+        command => command,
+    };
     // Engine warnings (a fail-back, a tracker fallback) matter when reading the numbers.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -238,7 +247,7 @@ fn main() -> anyhow::Result<()> {
 
     let repeat = cli.repeat as usize;
     let mut rdma_args = None;
-    let (memory_args, tracking_args, disk_args) = match cli.command {
+    let (memory_args, tracking_args, disk_args) = match command {
         Command::Memory(m) => (Some(m), None, None),
         Command::Tracking(t) => (None, Some(t), None),
         Command::Disk(d) => (None, None, Some(d)),
@@ -251,6 +260,7 @@ fn main() -> anyhow::Result<()> {
             Some(TrackingArgs::default()),
             Some(DiskArgs::default()),
         ),
+        Command::Simulate(_) => unreachable!("dispatched above"),
     };
     if rdma_args.is_some() {
         if let Err(e) = rdma::check_environment() {

@@ -301,6 +301,7 @@ fn migrate_into(
                 fresh_disks: false,
                 start_paused: false,
                 cancel: &destination_cancel,
+                journal: &ferry_dataplane::engine::barrier::VolatileJournal,
             })?)
         });
         let source_result = (|| -> anyhow::Result<_> {
@@ -323,6 +324,7 @@ fn migrate_into(
                     started,
                     prefault_ms: incoming.prefault_ms(),
                     cancel: &source_cancel,
+                    journal: &ferry_dataplane::engine::barrier::VolatileJournal,
                 },
                 &mut on_progress,
             )?)

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::Receiver;
 use ferry_dataplane::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE};
-use ferry_dataplane::transport::rdma::link::{connect, Listener};
+use ferry_dataplane::transport::rdma::link::{connect, Listener, UnauthenticatedLanes};
 use ferry_dataplane::transport::rdma::memory::{
     lane_caps, register_guest_memory, RdmaDestination, RdmaSource, RemoteMemory,
 };
@@ -741,9 +741,24 @@ fn rdma_run(
     let deadline = Instant::now() + SETUP_TIMEOUT;
     let cancel = AtomicBool::new(false);
     let (accepted, connected) = std::thread::scope(|s| {
-        let accept =
-            s.spawn(|| listener.accept(session, &caps, |_| remote.encode(), deadline, &cancel));
-        let connected = connect(Some(a), SocketAddr::new(b, port), session, &caps, deadline);
+        let accept = s.spawn(|| {
+            listener.accept(
+                session,
+                &caps,
+                |_| remote.encode(),
+                &UnauthenticatedLanes,
+                deadline,
+                &cancel,
+            )
+        });
+        let connected = connect(
+            Some(a),
+            SocketAddr::new(b, port),
+            session,
+            &caps,
+            &UnauthenticatedLanes,
+            deadline,
+        );
         if connected.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }

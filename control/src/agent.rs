@@ -1,20 +1,24 @@
 //! The agent: hosts VMs, serves the CLI, and runs both ends of migrations.
 //!
-//! One thread per connection. The first message on a connection ([`Opening`]) says what it
+//! One thread per connection. A TCP connection first proves it knows the cluster key
+//! ([`crate::auth`]); the CLI may instead use the unix socket `DATA_DIR/agent.sock`, which
+//! only this user can open. Then the first message ([`Opening`]) says what the connection
 //! is: a CLI request (answered, then closed), a peer's `MigrateIn` (the connection becomes
 //! the migration's control channel) or a peer's data stream (handed to its pending
-//! session). Outgoing migrations run on their own threads, so a CLI that goes away changes
+//! session); the unix socket carries CLI requests only. Outgoing migrations run on their own threads, so a CLI that goes away changes
 //! nothing. Disk images live under `DATA_DIR/disks/` ([`crate::disks`]).
 
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use crossbeam_channel::bounded;
 use ferry_dataplane::disk::VirtualDisk;
 use ferry_dataplane::engine::MigrationParams;
@@ -24,15 +28,21 @@ use ferry_dataplane::wire::{read_message, write_message};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::api::{DiskPlacement, ErrorKind, Request, Response, VmState};
+use crate::api::{DiskPlacement, ErrorKind, Request, Response, VmInfo, VmState};
+use crate::auth::{authenticate_server, ClusterKey};
+use crate::client::Connection;
 use crate::disks::{open_user_disk, zero_for_boot, DiskStore, DiskStoreError, HostedDisk};
 use crate::error_chain;
+use crate::journal::Record;
 use crate::migration::{accept_incoming, run_outgoing, OutgoingRequest, PendingSessions};
-use crate::peer::{Opening, PEER_MESSAGE_LEN_MAX};
+use crate::migration::{resolve, InDoubt, Services};
+use crate::ownership::{Ownership, Recovery};
+use crate::peer::{DataStreamReply, MigrateInReply, Opening, PEER_MESSAGE_LEN_MAX};
+use crate::recovery::{self, Placement};
 use crate::registry::{Registry, RegistryError};
 use crate::sigint;
 
-/// A connection must say what it is within this time.
+/// A connection must authenticate within this time, and then say what it is within as long.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// A CLI that stops reading its answers is dropped after this long (the work goes on).
 const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +58,10 @@ const CONNECTIONS_MAX: usize = 1024;
 const INCOMING_SETTLE_MAX: Duration = Duration::from_secs(2);
 /// Name of the identity file in the data directory.
 pub const IDENTITY_FILE: &str = "agent.json";
+/// Name of the CLI's unix socket in the data directory (owner-only, no cluster key needed).
+pub const SOCKET_FILE: &str = "agent.sock";
+/// A unix socket's path must fit in `sockaddr_un.sun_path` (108 bytes with the NUL).
+const SOCKET_PATH_LEN_MAX: usize = 107;
 
 /// How `ferry agent` was started.
 #[derive(Clone, Debug)]
@@ -56,6 +70,10 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Print `listening on ADDR` on stdout once bound (for tests and `ferry demo`).
     pub print_addr: bool,
+    /// The cluster key file (`--key`, else `$FERRY_KEY`, else `DATA_DIR/cluster.key`).
+    pub key_path: PathBuf,
+    /// Where VMs' memory files live (tmpfs); `None`: `/dev/shm/ferry-AGENT_ID`.
+    pub memory_dir: Option<PathBuf>,
 }
 
 /// Who this agent is, kept in the data directory. The id survives restarts; the rest
@@ -77,6 +95,14 @@ pub struct Agent {
     shutting_down: AtomicBool,
     local_addr: SocketAddr,
     connections: AtomicUsize,
+    /// Every TCP connection must prove it knows this key.
+    key: Arc<ClusterKey>,
+    /// The CLI's unix socket (removed when the agent stops).
+    socket_path: PathBuf,
+    /// Who owns each VM, durably (the journal in the data directory).
+    ownership: Ownership,
+    /// Where the VMs' persistent files live: `MEMORY_DIR/NAME/`.
+    memory_dir: PathBuf,
 }
 
 /// Runs an agent until `Shutdown` or SIGINT/SIGTERM.
@@ -93,16 +119,45 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
+    // Signals are flags from the start: a SIGTERM right after `listening on` must not kill
+    // the agent outright (the watcher below acts on it once the agent exists).
+    sigint::install(&[libc::SIGINT, libc::SIGTERM]).context("installing signal handlers")?;
+    // The key before anything listens: an agent without one serves nobody.
+    let key = Arc::new(ClusterKey::load(&config.key_path)?);
+    // The journal before anything listens too: who owns what decides what runs.
+    let ownership = Ownership::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the ownership journal in {}",
+            config.data_dir.display()
+        )
+    })?;
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr().context("reading the bound address")?;
+    let socket_path = config.data_dir.join(SOCKET_FILE);
+    let unix_listener = bind_private_socket(&socket_path)?;
     let identity = write_identity(&config.data_dir, local_addr)?;
+    let memory_dir = config
+        .memory_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/ferry-{}", identity.agent_id)));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&memory_dir)
+        .with_context(|| {
+            format!(
+                "cannot create the memory directory {}",
+                memory_dir.display()
+            )
+        })?;
     if config.print_addr {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on {local_addr}").context("printing the address")?;
         stdout.flush().context("printing the address")?;
     }
-    info!(addr = %local_addr, agent_id = %identity.agent_id, data_dir = %config.data_dir.display(), "agent listening");
+    info!(addr = %local_addr, socket = %socket_path.display(), agent_id = %identity.agent_id, data_dir = %config.data_dir.display(), "agent listening");
+    info!(key = %config.key_path.display(), fingerprint = %key.fingerprint(), "cluster key loaded: TCP peers must know it");
 
     let agent = Arc::new(Agent {
         registry: Registry::new(),
@@ -111,36 +166,28 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         shutting_down: AtomicBool::new(false),
         local_addr,
         connections: AtomicUsize::new(0),
+        key,
+        socket_path,
+        ownership,
+        memory_dir,
     });
-    sigint::install(&[libc::SIGINT, libc::SIGTERM]).context("installing signal handlers")?;
+    // Bring back what the journal says this agent holds, before serving anyone.
+    agent.recover();
     let on_signal = Arc::clone(&agent);
     let _watcher = sigint::Watcher::spawn(move || on_signal.begin_shutdown("signal"))
         .context("starting the signal watcher")?;
+    let unix_agent = Arc::clone(&agent);
+    std::thread::Builder::new()
+        .name("unix-accept".into())
+        .spawn(move || unix_agent.accept_unix(unix_listener))
+        .context("starting the unix socket's accept thread")?;
 
     for connection in listener.incoming() {
         if agent.shutting_down.load(Ordering::SeqCst) {
             break;
         }
         match connection {
-            Ok(stream) => {
-                if agent.connections.fetch_add(1, Ordering::SeqCst) >= CONNECTIONS_MAX {
-                    agent.connections.fetch_sub(1, Ordering::SeqCst);
-                    warn!(limit = CONNECTIONS_MAX, "too many connections; one refused");
-                    continue;
-                }
-                let worker = Arc::clone(&agent);
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("connection".into())
-                        .spawn(move || {
-                            let _counted = ConnectionSlot(Arc::clone(&worker));
-                            worker.handle_connection(stream);
-                        });
-                if let Err(err) = spawned {
-                    agent.connections.fetch_sub(1, Ordering::SeqCst);
-                    error!(error = %err, "cannot start a connection thread; connection dropped");
-                }
-            }
+            Ok(stream) => agent.serve(Connection::Tcp(stream)),
             Err(err) => {
                 // Out of descriptors or a connection reset before accept: not fatal.
                 warn!(error = %err, "accept failed");
@@ -149,7 +196,62 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
     agent.finish();
+    let _ = fs::remove_file(&agent.socket_path);
     Ok(())
+}
+
+/// Binds the CLI's unix socket at `path` so that nobody but this user can connect at any
+/// moment: it is bound in a fresh directory of mode 0700 beside `path` (nobody else may
+/// reach a socket in there), made 0600, and only then renamed into place. A socket left by
+/// an agent that died is removed; one that answers belongs to a live agent on this data
+/// directory, and starting a second one there is refused.
+fn bind_private_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another agent is running on this data directory (its socket {} answers): stop it, or give this one another --data-dir",
+                    path.display()
+                );
+            }
+            fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            debug!(socket = %path.display(), "removed a stale socket");
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket: move it away (the agent's socket goes there)",
+            path.display()
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot inspect {}", path.display()));
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let staging = dir.join(format!(".sock-{}", std::process::id()));
+    let staged = staging.join("s");
+    if staged.as_os_str().len().max(path.as_os_str().len()) > SOCKET_PATH_LEN_MAX {
+        bail!(
+            "the unix socket path {} is too long (at most {SOCKET_PATH_LEN_MAX} bytes, with room to spare): use a shorter --data-dir",
+            path.display()
+        );
+    }
+    let _ = fs::remove_dir_all(&staging);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .with_context(|| format!("creating {}", staging.display()))?;
+    let bound = UnixListener::bind(&staged)
+        .with_context(|| format!("cannot listen on the unix socket {}", staged.display()))
+        .and_then(|listener| {
+            fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} owner-only", staged.display()))?;
+            fs::rename(&staged, path)
+                .with_context(|| format!("moving {} to {}", staged.display(), path.display()))?;
+            Ok(listener)
+        });
+    let _ = fs::remove_dir_all(&staging);
+    bound
 }
 
 /// Gives a connection's slot back however its thread ends.
@@ -186,6 +288,23 @@ fn write_identity(dir: &Path, local_addr: SocketAddr) -> anyhow::Result<AgentIde
     Ok(identity)
 }
 
+/// Migrations come over TCP, authenticated with the cluster key: a peer's opening on the
+/// unix socket is answered with a refusal in its own terms.
+fn refuse_peer_on_socket(stream: &mut Connection, opening: &Opening) {
+    let reason = "migrations come over TCP, authenticated with the cluster key, not over the CLI's unix socket".to_string();
+    let what = match opening {
+        Opening::Request(_) => "Request",
+        Opening::MigrateIn(_) => "MigrateIn",
+        Opening::DataStream(_) => "DataStream",
+        Opening::Outcome(_) => "Outcome",
+    };
+    warn!(opening = what, "{reason}; connection refused");
+    let _ = match opening {
+        Opening::MigrateIn(_) => write_message(stream, &MigrateInReply::Refused { reason }),
+        _ => write_message(stream, &DataStreamReply::Refused { reason }),
+    };
+}
+
 fn registry_error(err: RegistryError) -> Response {
     let kind = match err {
         RegistryError::NotFound { .. } => ErrorKind::NotFound,
@@ -202,14 +321,53 @@ impl Agent {
             return;
         }
         info!(reason = why, "agent shutting down");
-        // Wake the accept loop, which checks the flag after every connection.
+        // Wake the accept loops, which check the flag after every connection (and drop that
+        // one unread: the wake-up sends nothing).
         if let Err(err) = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1)) {
             warn!(error = %err, "could not wake the accept loop");
         }
+        if let Err(err) = UnixStream::connect(&self.socket_path) {
+            warn!(error = %err, "could not wake the unix socket's accept loop");
+        }
     }
 
-    /// Cancels migrations, gives them a bounded time to fail back, stops every VM. VMs
-    /// live only in this process, so their agent-owned disk images go with them.
+    fn accept_unix(self: Arc<Self>, listener: UnixListener) {
+        for connection in listener.incoming() {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            match connection {
+                Ok(stream) => self.serve(Connection::Unix(stream)),
+                Err(err) => {
+                    warn!(error = %err, "accept on the unix socket failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Gives the connection a thread of its own, within [`CONNECTIONS_MAX`].
+    fn serve(self: &Arc<Self>, stream: Connection) {
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= CONNECTIONS_MAX {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            warn!(limit = CONNECTIONS_MAX, "too many connections; one refused");
+            return;
+        }
+        let worker = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || {
+                let _counted = ConnectionSlot(Arc::clone(&worker));
+                worker.handle_connection(stream);
+            });
+        if let Err(err) = spawned {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            error!(error = %err, "cannot start a connection thread; connection dropped");
+        }
+    }
+
+    /// Cancels migrations, gives them a bounded time to fail back, stops every VM (they stay
+    /// recoverable: the journal and their files are kept).
     fn finish(&self) {
         self.registry.cancel_all();
         let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -223,25 +381,202 @@ impl Agent {
                 "migrations still running at shutdown; stopping their VMs anyway"
             );
         }
-        for (vm, disk) in self.registry.drain() {
+        // The VMs stop at a step boundary; their files and the journal stay, so the next
+        // start of this agent brings them back.
+        for (vm, _disk) in self.registry.drain() {
             if let Some(vm) = vm {
                 vm.shutdown();
             }
-            if let Some(disk) = disk {
-                self.disks.remove(&disk, "agent shutdown");
-            }
         }
-        info!("agent stopped");
+        info!("agent stopped; its VMs come back when it starts again");
     }
 
-    fn handle_connection(self: Arc<Self>, mut stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    /// A VM's owner and epoch by the journal.
+    fn with_ownership(&self, mut vm: VmInfo) -> VmInfo {
+        vm.epoch = self.ownership.epoch_here(&vm.name).unwrap_or(0);
+        vm.owner = match self.ownership.latest(&vm.name) {
+            Some(Record::Prepared { from, .. }) => {
+                format!("undecided (asking the source agent at {from})")
+            }
+            Some(Record::IncomingStarted { .. }) => "the source agent (migrating here)".into(),
+            _ => "this agent".into(),
+        };
+        vm
+    }
+
+    /// `vm status` of a VM this agent does not host: what its journal knows.
+    fn not_here(&self, name: &str) -> Response {
+        let message = match self.ownership.latest(name) {
+            Some(Record::HandedOver { epoch, to, .. }) => format!("VM {name:?} is not here: it was handed over to the agent at {to} (owner there, epoch {epoch}; not confirmed)"),
+            Some(Record::Released { epoch, .. }) => format!("VM {name:?} is not here: it was handed over and the destination confirmed it (epoch {epoch} there)"),
+            _ => format!("no VM named {name:?} on this agent"),
+        };
+        Response::error(ErrorKind::NotFound, message)
+    }
+
+    fn services(&self) -> Services<'_> {
+        Services {
+            registry: &self.registry,
+            disks: &self.disks,
+            ownership: &self.ownership,
+            key: &self.key,
+            stopping: &self.shutting_down,
+        }
+    }
+
+    /// Follows the journal's recovery plan: VMs this agent holds run again (from their
+    /// files), an undecided incoming VM waits paused while the source's agent is asked, a
+    /// handed-over VM never runs here again, and an unprepared incoming VM is dropped.
+    fn recover(self: &Arc<Self>) {
+        for step in self.ownership.recovery_plan() {
+            match step {
+                Recovery::Resume {
+                    vm: name,
+                    epoch,
+                    unfinished,
+                } => {
+                    match self.reopen(&name, VmState::Running) {
+                        Ok(vm) => match unfinished {
+                            None => self.resume_recovered(&name, epoch, &vm),
+                            // Recorded before the VM runs again, so that swap can never
+                            // commit; while the journal cannot take it, keep trying.
+                            Some(session) => {
+                                let agent = Arc::clone(self);
+                                let spawned = std::thread::Builder::new()
+                                    .name(format!("fail-back-{name}"))
+                                    .spawn(move || {
+                                        agent.fail_back_recovered(&name, epoch, session, &vm)
+                                    });
+                                if let Err(err) = spawned {
+                                    error!(error = %err, "cannot start the recovery thread");
+                                }
+                            }
+                        },
+                        Err(reason) => {
+                            error!(vm = %name, epoch, %reason, "THE JOURNAL SAYS THIS AGENT OWNS THE VM, BUT IT CANNOT BE RECOVERED")
+                        }
+                    }
+                }
+                Recovery::InDoubt {
+                    vm: name,
+                    epoch,
+                    session,
+                    from,
+                } => match self.reopen(&name, VmState::InDoubt) {
+                    Ok(vm) => {
+                        let image = self.registry.disk_of(&name);
+                        let agent = Arc::clone(self);
+                        let doubt = InDoubt {
+                            vm,
+                            epoch,
+                            session,
+                            from,
+                            start_paused: false,
+                            image,
+                        };
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("in-doubt-{name}"))
+                            .spawn(move || resolve(&agent.services(), doubt));
+                        if let Err(err) = spawned {
+                            error!(vm = %name, error = %err, "cannot start asking the source; the VM stays in doubt until a restart");
+                        }
+                    }
+                    Err(reason) => {
+                        error!(vm = %name, epoch, %reason, "prepared VM cannot be recovered; the source's agent still decides")
+                    }
+                },
+                Recovery::HandedOver {
+                    vm: name,
+                    epoch,
+                    to,
+                } => {
+                    let dir = self.memory_dir.join(&name);
+                    if let Err(err) = ReferenceVm::remove_files(&dir) {
+                        warn!(vm = %name, error = %err, "removing a handed-over VM's files failed");
+                    }
+                    info!(vm = %name, epoch, %to, "handed over before the restart: the VM is the destination's and never runs here again (its disk image is kept)");
+                }
+                Recovery::DiscardIncoming {
+                    vm: name,
+                    epoch,
+                    session,
+                } => {
+                    let dir = self.memory_dir.join(&name);
+                    if let Ok(placement) = Placement::load(&dir) {
+                        if let Some(disk) = placement.hosted() {
+                            self.disks.remove(&disk, "an unprepared incoming migration");
+                        }
+                    }
+                    if let Err(err) = ReferenceVm::remove_files(&dir) {
+                        warn!(vm = %name, error = %err, "removing an unprepared incoming VM's files failed");
+                    }
+                    self.ownership.discarded(&name, epoch, session);
+                    info!(vm = %name, "an incoming migration interrupted before it prepared: discarded");
+                }
+            }
+        }
+    }
+
+    fn resume_recovered(&self, name: &str, epoch: u64, vm: &ReferenceVm) {
+        match vm.resume() {
+            Ok(()) => info!(vm = %name, epoch, "VM recovered and running"),
+            Err(err) => {
+                error!(vm = %name, error = %error_chain(&err), "VM recovered but cannot resume")
+            }
+        }
+    }
+
+    /// A VM whose outgoing migration the restart interrupted: journal that the migration
+    /// never committed (retrying while the journal cannot take it), then run the VM.
+    fn fail_back_recovered(&self, name: &str, epoch: u64, session: u64, vm: &ReferenceVm) {
+        let mut tries = 0u64;
+        while let Err(err) = self.ownership.abort_unfinished(name, session) {
+            if tries.is_multiple_of(30) {
+                error!(vm = %name, error = %error_chain(&err), "cannot record that the interrupted migration never committed; the VM stays paused until it can be");
+            }
+            tries += 1;
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        info!(vm = %name, session = format_args!("{session:#018x}"), "the outgoing migration interrupted by the restart never committed: failing back");
+        self.resume_recovered(name, epoch, vm);
+    }
+
+    /// Reopens `name` from its files into the registry (parked), in `state`.
+    fn reopen(&self, name: &str, state: VmState) -> Result<Arc<ReferenceVm>, String> {
+        let (vm, disk) = recovery::reopen(&self.memory_dir.join(name))?;
+        self.registry
+            .reserve(vm.spec(), state, disk)
+            .map_err(|e| e.to_string())?;
+        self.registry.attach(name, Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    fn handle_connection(self: Arc<Self>, mut stream: Connection) {
+        let peer = stream.peer();
+        // Over TCP, nothing of the peer's is parsed before it proved it knows the key.
+        let mut session_auth = None;
+        if let Connection::Tcp(tcp) = &mut stream {
+            let deadline = Instant::now() + OPENING_TIMEOUT;
+            match authenticate_server(tcp, &self.key, deadline) {
+                Ok(auth) => session_auth = Some(auth),
+                Err(err) if err.is_silent_close() => {
+                    // A port probe (the shutdown wake-up is never read).
+                    debug!(%peer, "connection closed before the handshake");
+                    return;
+                }
+                Err(err) => {
+                    warn!(%peer, reason = %error_chain(&err), "authentication failed; connection refused");
+                    return;
+                }
+            }
+        }
         let _ = stream.set_read_timeout(Some(OPENING_TIMEOUT));
         let opening = match read_message::<Opening>(&mut stream, PEER_MESSAGE_LEN_MAX) {
             Ok(opening) => opening,
-            // The shutdown wake-up, or a port probe.
+            // A CLI that gave up, or a probe of the unix socket.
             Err(err) if err.is_clean_eof() => {
                 debug!(%peer, "connection closed without a message");
                 return;
@@ -252,23 +587,35 @@ impl Agent {
             }
         };
         let _ = stream.set_read_timeout(None);
-        match opening {
-            Opening::Request(request) => self.handle_request(stream, request),
-            Opening::MigrateIn(request) => {
+        match (opening, stream) {
+            (Opening::Request(request), stream) => self.handle_request(stream, request),
+            (Opening::MigrateIn(request), Connection::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
+                let Some(auth) = session_auth else {
+                    return;
+                };
                 accept_incoming(
-                    &self.registry,
+                    &self.services(),
                     &self.sessions,
-                    &self.disks,
+                    &self.memory_dir,
                     stream,
+                    auth,
                     request,
-                    &self.shutting_down,
                 )
             }
-            Opening::DataStream(opening) => self.sessions.route(opening, stream),
+            (Opening::Outcome(question), Connection::Tcp(mut stream)) => {
+                let outcome = self
+                    .ownership
+                    .answer(&question.vm, question.epoch, question.session);
+                info!(%peer, vm = %question.vm, epoch = question.epoch, session = format_args!("{:#018x}", question.session), ?outcome, "a destination asked how a swap ended");
+                let _ = write_message(&mut stream, &outcome);
+            }
+            (Opening::DataStream(opening), Connection::Tcp(stream)) => {
+                self.sessions.route(opening, stream)
+            }
+            (opening, mut stream) => refuse_peer_on_socket(&mut stream, &opening),
         }
     }
-
     /// Waits (boundedly) while `name` is an incoming VM that already runs here, so that a
     /// request sent right after the source reported success finds it settled.
     fn settle(&self, name: &str) {
@@ -278,7 +625,7 @@ impl Agent {
         }
     }
 
-    fn handle_request(self: Arc<Self>, mut stream: TcpStream, request: Request) {
+    fn handle_request(self: Arc<Self>, mut stream: Connection, request: Request) {
         let received = Instant::now();
         let _ = stream.set_write_timeout(Some(ANSWER_WRITE_TIMEOUT));
         if let Request::VmStatus { name }
@@ -301,16 +648,32 @@ impl Agent {
             }
             Request::VmCreate { spec, disk } => self.create(spec, disk),
             Request::VmList => Response::Vms {
-                vms: self.registry.list(),
+                vms: self
+                    .registry
+                    .list()
+                    .into_iter()
+                    .map(|vm| self.with_ownership(vm))
+                    .collect(),
             },
             Request::VmStatus { name } => match self.registry.info(&name) {
-                Ok(vm) => Response::Vm { vm },
+                Ok(vm) => Response::Vm {
+                    vm: self.with_ownership(vm),
+                },
+                Err(RegistryError::NotFound { .. }) => self.not_here(&name),
                 Err(err) => registry_error(err),
             },
             Request::VmVerify { name } => self.verify(name),
             Request::VmDestroy { name } => match self.registry.destroy(&name) {
                 Ok(removed) => {
                     removed.vm.shutdown();
+                    if let Err(err) = self.ownership.destroyed(&name) {
+                        warn!(vm = %name, error = %error_chain(&err), "recording the destroy failed; a restart would bring the VM back");
+                    }
+                    if let Some(dir) = removed.vm.files_dir() {
+                        if let Err(err) = ReferenceVm::remove_files(dir) {
+                            warn!(vm = %name, error = %err, "removing the VM's files failed");
+                        }
+                    }
                     // Close the image before deleting it (unlinking an open file works,
                     // but a verify still holding the VM would then read a ghost).
                     drop(removed.vm);
@@ -412,7 +775,17 @@ impl Agent {
             agent_owned: placement.path.is_none(),
             ..disk
         });
-        match ReferenceVm::boot_with_disk(spec, disk) {
+        let files = self.memory_dir.join(&name);
+        let booted = ReferenceVm::boot_persistent(spec, disk, &files)
+            .map_err(|e| error_chain(&e))
+            .and_then(|vm| {
+                Placement::new(hosted.as_ref(), placement.direct_io)
+                    .save(&files)
+                    .map_err(|e| format!("writing the VM's placement: {e}"))?;
+                self.ownership.created(&name).map_err(|e| error_chain(&e))?;
+                Ok(vm)
+            });
+        match booted {
             Ok(vm) => {
                 self.registry.attach(&name, Arc::new(vm));
                 info!(vm = %name, disk = ?hosted.as_ref().map(|d| &d.path), "VM created");
@@ -421,14 +794,17 @@ impl Agent {
                     Err(err) => registry_error(err),
                 }
             }
-            Err(err) => {
+            Err(reason) => {
                 self.registry.remove(&name);
                 if let Some(disk) = &hosted {
                     self.disks.remove(disk, "booting the VM failed");
                 }
+                if let Err(err) = ReferenceVm::remove_files(&files) {
+                    warn!(vm = %name, error = %err, "removing the files of a VM that failed to boot");
+                }
                 Response::error(
                     ErrorKind::Internal,
-                    format!("booting {name:?} failed: {}", error_chain(&err)),
+                    format!("booting {name:?} failed: {reason}"),
                 )
             }
         }
@@ -476,13 +852,13 @@ impl Agent {
     /// for as long as the CLI listens.
     fn serve_migrate(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        mut stream: Connection,
         name: String,
         to: String,
         params: MigrationParams,
         received: Instant,
     ) {
-        let refuse = |stream: &mut TcpStream, response: Response| {
+        let refuse = |stream: &mut Connection, response: Response| {
             let _ = write_message(stream, &response);
         };
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -513,11 +889,20 @@ impl Agent {
             to,
             params,
             started: received,
+            key: Arc::clone(&self.key),
+            source_port: self.local_addr.port(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("migrate-{name}"))
             .spawn(move || {
-                run_outgoing(&agent.registry, &agent.disks, outgoing, request, events_tx)
+                run_outgoing(
+                    &agent.registry,
+                    &agent.disks,
+                    &agent.ownership,
+                    outgoing,
+                    request,
+                    events_tx,
+                )
             });
         if let Err(err) = spawned {
             self.registry.set_state(&name, VmState::Running);

@@ -86,6 +86,11 @@ pub enum VmState {
     Migrating,
     /// Being migrated to this agent; not running yet.
     Incoming,
+    /// Migrated here and prepared, but the source's decision did not arrive: kept paused
+    /// while this agent asks the source's agent how the swap ended. Never resumed before it
+    /// learns of the commit.
+    #[serde(rename = "in-doubt")]
+    InDoubt,
 }
 
 impl VmState {
@@ -94,6 +99,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Migrating => "migrating",
             VmState::Incoming => "incoming",
+            VmState::InDoubt => "in-doubt",
         }
     }
 }
@@ -124,6 +130,13 @@ pub struct VmInfo {
     /// The VM's virtual disk, if it has one.
     #[serde(default)]
     pub disk: Option<DiskInfo>,
+    /// The ownership epoch: 1 when created, one more after each completed migration.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Who owns the VM by this agent's journal: `this agent`, or while in doubt, the
+    /// source agent being asked.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// A hosted VM's virtual disk as `vm status` shows it.
@@ -267,6 +280,8 @@ mod tests {
             steps: vec![10, 20],
             throttle_percent: 5,
             disk: None,
+            epoch: 2,
+            owner: "this agent".into(),
         }
     }
 

@@ -9,6 +9,7 @@ use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern, VmSpec};
 use ferry_dataplane::units::{format_bytes, parse_size};
 
 use crate::api::DiskPlacement;
+use crate::auth::{KEY_ENV, KEY_FILE};
 
 /// Where agents listen, and where the CLI looks for one, unless told otherwise.
 pub const DEFAULT_AGENT: &str = "127.0.0.1:7070";
@@ -21,9 +22,20 @@ pub const DEFAULT_AGENT: &str = "127.0.0.1:7070";
     propagate_version = true
 )]
 pub struct Cli {
-    /// Agent to talk to (host:port).
+    /// Agent to talk to: HOST:PORT (over TCP, authenticated with the cluster key: see --key)
+    /// or the path of its unix socket, DATA_DIR/agent.sock (anything containing '/', or
+    /// unix:PATH; no key needed, the socket is the agent user's only).
     #[arg(long, global = true, default_value = DEFAULT_AGENT, value_name = "ADDR", help_heading = "Global options")]
     pub agent: String,
+    /// Cluster key file [default: $FERRY_KEY]. The CLI needs it for a HOST:PORT --agent;
+    /// `ferry agent` falls back to DATA_DIR/cluster.key; `ferry key init` writes it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        help_heading = "Global options"
+    )]
+    pub key: Option<PathBuf>,
     /// Print JSON only: one object per command (errors as {"error": …}).
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
@@ -38,6 +50,15 @@ impl Cli {
     /// JSON output was asked for, one way or the other.
     pub fn json(&self) -> bool {
         self.json || self.progress_json
+    }
+
+    /// The cluster key file: `--key`, else `$FERRY_KEY` (when set and not empty).
+    pub fn key_path(&self) -> Option<PathBuf> {
+        self.key.clone().or_else(|| {
+            std::env::var_os(KEY_ENV)
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from)
+        })
     }
 }
 
@@ -57,6 +78,28 @@ pub enum Command {
     },
     /// Start two agents, migrate a busy VM between them, verify it, print the report.
     Demo(DemoArgs),
+    /// Manage the cluster key that agents and the CLI authenticate with.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new random cluster key (mode 0600), to be copied to every agent.
+    Init {
+        /// Where to write it [default: --key, else $FERRY_KEY, else ./cluster.key].
+        path: Option<PathBuf>,
+        /// Replace an existing key file (every agent then needs the new key).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+impl KeyCommand {
+    /// `key init`'s file: PATH, else `key_path` (--key or $FERRY_KEY), else ./cluster.key.
+    pub fn init_path(path: Option<PathBuf>, key_path: Option<PathBuf>) -> PathBuf {
+        path.or(key_path).unwrap_or_else(|| PathBuf::from(KEY_FILE))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -64,12 +107,18 @@ pub struct AgentArgs {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = DEFAULT_AGENT, value_name = "ADDR")]
     pub listen: String,
-    /// Directory for the agent's files (created if missing).
+    /// Directory for the agent's files (created if missing): its cluster key cluster.key
+    /// unless --key or $FERRY_KEY says otherwise, and its CLI socket agent.sock.
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Print `listening on ADDR` on stdout once listening.
     #[arg(long)]
     pub print_addr: bool,
+    /// Where the VMs' memory lives, one directory per VM, kept across agent restarts so a
+    /// restarted agent recovers its VMs. Must be tmpfs (write tracking needs shared memory);
+    /// default /dev/shm/ferry-AGENT_ID.
+    #[arg(long, value_name = "DIR")]
+    pub memory_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,9 +309,14 @@ pub struct MigrationArgs {
     /// Pre-copy time before switching over regardless, in ms.
     #[arg(long, default_value_t = MigrationParams::default().precopy_timeout_ms)]
     pub precopy_timeout_ms: u64,
-    /// Bound on the switch-over (quiesce to resume), in ms.
-    #[arg(long, default_value_t = MigrationParams::default().switchover_timeout_ms)]
-    pub switchover_timeout_ms: u64,
+    /// Bound on the switch-over, e.g. 10s or 500ms: the destination must be prepared within
+    /// this long after the VM is quiesced, or the migration fails back and the VM resumes on
+    /// the source (like vMotion's switch-over bound).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_ms, value_name = "DURATION")]
+    pub switchover_timeout: u64,
+    /// The same bound in ms (overrides --switchover-timeout; kept for scripts).
+    #[arg(long, hide = true)]
+    pub switchover_timeout_ms: Option<u64>,
     /// Disk bulk-copy chunk, e.g. 1M (128K..=8M, a multiple of 4K).
     #[arg(long, default_value = "1M", value_parser = parse_chunk_size, value_name = "SIZE")]
     pub chunk_size: u32,
@@ -287,7 +341,9 @@ impl MigrationArgs {
             rounds_max: self.rounds_max,
             precopy_timeout_ms: self.precopy_timeout_ms,
             bandwidth_max_bytes_per_s: self.max_bandwidth,
-            switchover_timeout_ms: self.switchover_timeout_ms,
+            switchover_timeout_ms: self
+                .switchover_timeout_ms
+                .unwrap_or(self.switchover_timeout),
             disk_chunk_bytes: self.chunk_size,
             disk_queue_depth: self.queue_depth,
             transport: self.transport,
@@ -355,6 +411,31 @@ impl DemoArgs {
             ..self.migration.params()
         }
     }
+}
+
+/// `10s`, `500ms`, `1.5s`, `2m` → milliseconds (at least 1).
+fn parse_duration_ms(input: &str) -> Result<u64, String> {
+    let text = input.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60e3)
+    } else {
+        return Err(format!(
+            "{input:?} needs a unit: ms, s or m (e.g. 10s, 500ms)"
+        ));
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{input:?} is not a duration (e.g. 10s, 500ms)"))?;
+    let ms = value * scale;
+    if !(1.0..=86_400e3).contains(&ms) {
+        return Err(format!("{input:?} must be between 1ms and 24h"));
+    }
+    Ok(ms.round() as u64)
 }
 
 fn parse_bytes(input: &str) -> Result<u64, String> {
@@ -589,6 +670,30 @@ mod tests {
                 ..MigrationParams::default()
             }
         );
+    }
+
+    #[test]
+    fn switchover_timeout_takes_a_duration() {
+        for (flag, ms) in [
+            ("10s", 10_000),
+            ("500ms", 500),
+            ("1.5s", 1500),
+            ("2m", 120_000),
+        ] {
+            let cli = parse(&["migrate", "a", "--to", "h:1", "--switchover-timeout", flag]);
+            let Command::Migrate(args) = cli.command else {
+                panic!()
+            };
+            assert_eq!(args.migration.params().switchover_timeout_ms, ms, "{flag}");
+        }
+        let cli = parse(&["migrate", "a", "--to", "h:1"]);
+        let Command::Migrate(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.migration.params().switchover_timeout_ms, 10_000);
+        for bad in ["10", "s", "-1s", "0ms", "1e9s", "abc"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -830,6 +935,36 @@ mod tests {
             panic!()
         };
         assert_eq!(name, "y");
+    }
+
+    #[test]
+    fn key_flags_and_key_init() {
+        let cli = parse(&["--key", "/etc/ferry/k", "vm", "list"]);
+        assert_eq!(cli.key_path(), Some(PathBuf::from("/etc/ferry/k")));
+        let cli = parse(&["agent", "--data-dir", "/d", "--key", "/k"]);
+        assert_eq!(cli.key, Some(PathBuf::from("/k")));
+        let Command::Key(KeyCommand::Init { path, force }) = parse(&["key", "init"]).command else {
+            panic!()
+        };
+        assert_eq!((path.clone(), force), (None, false));
+        assert_eq!(
+            KeyCommand::init_path(path, None),
+            PathBuf::from("cluster.key")
+        );
+        assert_eq!(
+            KeyCommand::init_path(None, Some("/from/env".into())),
+            PathBuf::from("/from/env")
+        );
+        let Command::Key(KeyCommand::Init { path, force }) =
+            parse(&["key", "init", "/tmp/k", "--force"]).command
+        else {
+            panic!()
+        };
+        assert_eq!((path, force), (Some(PathBuf::from("/tmp/k")), true));
+        assert_eq!(
+            KeyCommand::init_path(Some("/a".into()), Some("/b".into())),
+            PathBuf::from("/a")
+        );
     }
 
     #[test]

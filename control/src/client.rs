@@ -1,27 +1,115 @@
-//! The CLI's connection to an agent: one connection per request.
+//! The CLI's connection to an agent: one connection per request, over the agent's unix
+//! socket (its file permissions are the authentication) or over TCP (the cluster key's
+//! handshake, [`crate::auth`], comes first).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
 use ferry_dataplane::guest::reference::{VerifyReport, VmSpec};
 use ferry_dataplane::wire::{read_message, write_message, WireError};
 
 use crate::api::{DiskPlacement, ErrorKind, Request, Response, VmInfo, API_MESSAGE_LEN_MAX};
+use crate::auth::{authenticate_client, AuthError, ClusterKey};
 use crate::peer::Opening;
 
-/// Connecting to the agent, per address the name resolves to.
+/// Connecting to the agent, per address the name resolves to; also the bound on the
+/// authentication handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest silence accepted from the agent. A verify of the largest VM replays all of its
 /// memory and reads its whole disk, as a create with a disk writes the disk's boot content;
 /// a migration sends progress several times a second.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Where an agent is reached: `--agent` is a unix socket path when it contains a '/' or
+/// starts with `unix:`, else HOST:PORT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAddr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl AgentAddr {
+    pub fn parse(addr: &str) -> AgentAddr {
+        match addr.strip_prefix("unix:") {
+            Some(path) => AgentAddr::Unix(PathBuf::from(path)),
+            None if addr.contains('/') => AgentAddr::Unix(PathBuf::from(addr)),
+            None => AgentAddr::Tcp(addr.to_string()),
+        }
+    }
+}
+
+/// A connection between the CLI and an agent, either side: TCP (authenticated with the
+/// cluster key) or the agent's unix socket.
+#[derive(Debug)]
+pub enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection {
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(timeout),
+            Connection::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_write_timeout(timeout),
+            Connection::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
+    /// The peer, for logs: its address, or `unix socket`.
+    pub fn peer(&self) -> String {
+        match self {
+            Connection::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string()),
+            Connection::Unix(_) => "unix socket".to_string(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.flush(),
+            Connection::Unix(s) => s.flush(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to the agent at {addr} (is `ferry agent` running there?)")]
     Connect { addr: String, source: io::Error },
+    #[error("talking to the agent at {addr} over TCP needs the cluster key: pass --key PATH or set FERRY_KEY (or use the agent's unix socket: --agent DATA_DIR/agent.sock)")]
+    NoKey { addr: String },
+    #[error("authenticating with the agent at {addr} failed")]
+    Auth { addr: String, source: AuthError },
     #[error("talking to the agent at {addr} failed")]
     Wire { addr: String, source: WireError },
     /// The agent refused or failed the request; `message` says why.
@@ -48,11 +136,28 @@ impl ClientError {
 #[derive(Clone, Debug)]
 pub struct Client {
     addr: String,
+    /// The cluster key, for TCP.
+    key: Option<Arc<ClusterKey>>,
 }
 
 impl Client {
+    /// A client of the agent at `addr` ([`AgentAddr::parse`]); TCP needs [`Client::with_key`].
     pub fn new(addr: impl Into<String>) -> Self {
-        Self { addr: addr.into() }
+        Self {
+            addr: addr.into(),
+            key: None,
+        }
+    }
+
+    /// The client of an agent's unix socket.
+    pub fn unix(path: &Path) -> Self {
+        Self::new(format!("unix:{}", path.display()))
+    }
+
+    /// Authenticates TCP connections with `key` (a unix socket needs none).
+    pub fn with_key(mut self, key: Arc<ClusterKey>) -> Self {
+        self.key = Some(key);
+        self
     }
 
     pub fn addr(&self) -> &str {
@@ -74,24 +179,48 @@ impl Client {
         }
     }
 
-    fn open(&self, request: Request) -> Result<TcpStream, ClientError> {
+    fn open(&self, request: Request) -> Result<Connection, ClientError> {
         let connect_err = |source| ClientError::Connect {
             addr: self.addr.clone(),
             source,
         };
-        let addrs: Vec<_> = self.addr.to_socket_addrs().map_err(connect_err)?.collect();
+        let stream = match AgentAddr::parse(&self.addr) {
+            AgentAddr::Unix(path) => {
+                Connection::Unix(UnixStream::connect(path).map_err(connect_err)?)
+            }
+            AgentAddr::Tcp(addr) => Connection::Tcp(self.connect_tcp(&addr)?),
+        };
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .map_err(connect_err)?;
+        stream
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(connect_err)?;
+        let mut stream = stream;
+        write_message(&mut stream, &Opening::Request(request)).map_err(self.wire())?;
+        Ok(stream)
+    }
+
+    /// Connects to the first address `addr` resolves to that answers, and authenticates.
+    fn connect_tcp(&self, addr: &str) -> Result<TcpStream, ClientError> {
+        let key = self.key.as_ref().ok_or_else(|| ClientError::NoKey {
+            addr: self.addr.clone(),
+        })?;
+        let connect_err = |source| ClientError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let addrs: Vec<_> = addr.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
                 Ok(mut stream) => {
                     let _ = stream.set_nodelay(true);
-                    stream
-                        .set_read_timeout(Some(ANSWER_TIMEOUT))
-                        .map_err(connect_err)?;
-                    stream
-                        .set_write_timeout(Some(CONNECT_TIMEOUT))
-                        .map_err(connect_err)?;
-                    write_message(&mut stream, &Opening::Request(request)).map_err(self.wire())?;
+                    authenticate_client(&mut stream, key, Instant::now() + CONNECT_TIMEOUT)
+                        .map_err(|source| ClientError::Auth {
+                            addr: self.addr.clone(),
+                            source,
+                        })?;
                     return Ok(stream);
                 }
                 Err(err) => last = err,
@@ -100,7 +229,7 @@ impl Client {
         Err(connect_err(last))
     }
 
-    fn read(&self, stream: &mut TcpStream) -> Result<Response, ClientError> {
+    fn read(&self, stream: &mut Connection) -> Result<Response, ClientError> {
         match read_message(stream, API_MESSAGE_LEN_MAX).map_err(self.wire())? {
             Response::Error { kind, message } => Err(ClientError::Agent { kind, message }),
             response => Ok(response),
@@ -200,5 +329,40 @@ impl Client {
                 other => return Err(self.unexpected(&other, "Progress or Migrated")),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_addresses_are_sockets_or_host_ports() {
+        for (input, parsed) in [
+            ("127.0.0.1:7070", AgentAddr::Tcp("127.0.0.1:7070".into())),
+            ("src:7070", AgentAddr::Tcp("src:7070".into())),
+            ("[::1]:7070", AgentAddr::Tcp("[::1]:7070".into())),
+            (
+                "/var/lib/ferry/agent.sock",
+                AgentAddr::Unix("/var/lib/ferry/agent.sock".into()),
+            ),
+            ("./agent.sock", AgentAddr::Unix("./agent.sock".into())),
+            ("unix:agent.sock", AgentAddr::Unix("agent.sock".into())),
+        ] {
+            assert_eq!(AgentAddr::parse(input), parsed, "{input}");
+        }
+    }
+
+    #[test]
+    fn tcp_without_a_key_is_a_clear_error_before_connecting() {
+        // Nothing listens there; the missing key is reported first.
+        let err = Client::new("127.0.0.1:1").vm_list().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ClientError::NoKey { .. })
+                && text.contains("--key")
+                && text.contains("FERRY_KEY"),
+            "{text}"
+        );
     }
 }

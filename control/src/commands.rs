@@ -3,6 +3,9 @@
 //! Exit codes: 0 success, 1 failure (an error, a failed verify, a failed migration),
 //! 2 bad usage (clap), 130 interrupted by Ctrl-C.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use anyhow::Context;
 use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
 use ferry_dataplane::guest::reference::VerifyReport;
@@ -11,8 +14,9 @@ use serde::Serialize;
 
 use crate::agent::{self, AgentConfig};
 use crate::api::ErrorKind;
-use crate::cli::{describe_disk, Cli, Command, DiskArg, MigrateArgs, VmCommand};
-use crate::client::{Client, ClientError};
+use crate::auth::{ClusterKey, KEY_FILE};
+use crate::cli::{describe_disk, Cli, Command, DiskArg, KeyCommand, MigrateArgs, VmCommand};
+use crate::client::{AgentAddr, Client, ClientError};
 use crate::output::{print_json, render_verify, render_vm_detail, render_vm_table};
 use crate::progress::{render_report, with_spinner, ProgressView};
 use crate::{demo, error_chain, sigint};
@@ -63,18 +67,26 @@ pub fn run(cli: Cli) -> i32 {
         json: cli.json(),
         progress_json: cli.progress_json,
     };
-    let client = Client::new(cli.agent.clone());
+    let key_path = cli.key_path();
+    let client = || connect(&cli.agent, key_path.as_deref());
     let result = match cli.command {
         Command::Agent(args) => agent::run(AgentConfig {
+            key_path: key_path
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join(KEY_FILE)),
             listen: args.listen,
             data_dir: args.data_dir,
             print_addr: args.print_addr,
+            memory_dir: args.memory_dir,
         })
         .map(|()| EXIT_OK),
-        Command::Vm(command) => vm(&client, command, mode),
-        Command::Migrate(args) => migrate(&client, &args, mode),
-        Command::Cancel { name } => cancel(&client, &name, mode),
+        Command::Vm(command) => client().and_then(|client| vm(&client, command, mode)),
+        Command::Migrate(args) => client().and_then(|client| migrate(&client, &args, mode)),
+        Command::Cancel { name } => client().and_then(|client| cancel(&client, &name, mode)),
         Command::Demo(args) => demo::run(&args, mode),
+        Command::Key(KeyCommand::Init { path, force }) => {
+            key_init(&KeyCommand::init_path(path, key_path.clone()), force, mode)
+        }
     };
     match result {
         Ok(code) => code,
@@ -87,6 +99,46 @@ pub fn run(cli: Cli) -> i32 {
             }
         }
     }
+}
+
+/// The client of `--agent`: a unix socket needs no key; TCP loads the cluster key when one
+/// is named (without one, the first request says how to give it).
+fn connect(agent: &str, key_path: Option<&Path>) -> anyhow::Result<Client> {
+    let client = Client::new(agent);
+    match (AgentAddr::parse(agent), key_path) {
+        (AgentAddr::Tcp(_), Some(path)) => Ok(client.with_key(Arc::new(ClusterKey::load(path)?))),
+        _ => Ok(client),
+    }
+}
+
+#[derive(Serialize)]
+struct KeyJson {
+    key: PathBuf,
+    fingerprint: String,
+}
+
+/// `ferry key init`: a new key, 0600, and what to do with it.
+fn key_init(path: &Path, force: bool, mode: OutputMode) -> anyhow::Result<i32> {
+    let key = ClusterKey::generate()?;
+    key.write_new(path, force)?;
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if mode.json {
+        print_json(&KeyJson {
+            key: shown,
+            fingerprint: key.fingerprint(),
+        });
+    } else {
+        println!(
+            "wrote a new cluster key to {} (mode 0600, fingerprint {})",
+            shown.display(),
+            key.fingerprint()
+        );
+        println!(
+            "copy it to every agent and keep it mode 0600 there: an agent reads DATA_DIR/{KEY_FILE} unless given --key PATH or FERRY_KEY"
+        );
+        println!("whoever holds the key can drive every agent: keep it secret");
+    }
+    Ok(EXIT_OK)
 }
 
 /// Prints a failure: `{"error": …}` on stdout in JSON mode, `error: …` on stderr otherwise.

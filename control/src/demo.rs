@@ -1,6 +1,7 @@
 //! `ferry demo`: two agents on loopback (child processes of this binary), a busy VM (with a
 //! 1 GiB disk unless `--disk 0`) on the first, migrated live to the second, verified there
-//! (memory and disk), and the report.
+//! (memory and disk), and the report. The two agents share a cluster key generated for the
+//! demo in its temporary directory.
 //!
 //! The agents never outlive the demo: each is asked to shut down and killed if it does not
 //! go within a few seconds, on success, failure or Ctrl-C alike; they run in their own
@@ -22,6 +23,7 @@ use ferry_dataplane::engine::MigrationReport;
 use ferry_dataplane::units::format_bytes;
 use serde::Serialize;
 
+use crate::auth::{ClusterKey, KEY_FILE};
 use crate::cli::{describe_disk, DemoArgs};
 use crate::client::Client;
 use crate::commands::{follow_migration, OutputMode, EXIT_FAILED, EXIT_OK};
@@ -73,27 +75,31 @@ struct AgentProcess {
     child: Child,
     addr: String,
     log: PathBuf,
+    key: Arc<ClusterKey>,
 }
 
 /// Pids of the agents still running, for the Ctrl-C watcher's last resort.
 type LivePids = Arc<Mutex<Vec<u32>>>;
 
 impl AgentProcess {
-    fn spawn(label: &'static str, dir: &Path, live: &LivePids) -> anyhow::Result<Self> {
+    fn spawn(
+        label: &'static str,
+        dir: &Path,
+        key: &Arc<ClusterKey>,
+        live: &LivePids,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this executable")?;
         let data_dir = dir.join(format!("agent-{label}"));
         let log = dir.join(format!("agent-{label}.log"));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(exe);
         command
-            .args([
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--print-addr",
-                "--data-dir",
-            ])
+            .args(["agent", "--listen", "127.0.0.1:0", "--print-addr", "--key"])
+            .arg(dir.join(KEY_FILE))
+            .arg("--data-dir")
             .arg(&data_dir)
+            .arg("--memory-dir")
+            .arg(memory_dir().join(label))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -138,6 +144,7 @@ impl AgentProcess {
             child,
             addr: String::new(),
             log,
+            key: Arc::clone(key),
         };
         let first = rx
             .recv_timeout(AGENT_START_TIMEOUT)
@@ -159,7 +166,7 @@ impl AgentProcess {
     }
 
     fn client(&self) -> Client {
-        Client::new(self.addr.clone())
+        Client::new(self.addr.clone()).with_key(Arc::clone(&self.key))
     }
 
     /// Asks the agent to shut down; kills it if it has not exited in time. Idempotent.
@@ -231,6 +238,21 @@ impl Drop for SetOnDrop {
     }
 }
 
+/// Where the demo's agents keep their VMs' memory (tmpfs, removed with the demo).
+fn memory_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| PathBuf::from(format!("/dev/shm/ferry-demo-{}", std::process::id())))
+}
+
+/// Removes the demo's memory directory when the demo ends, however it ends.
+struct MemoryDirGuard;
+
+impl Drop for MemoryDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(memory_dir());
+    }
+}
+
 /// Runs the demo; returns the exit code.
 pub fn run(args: &DemoArgs, mode: OutputMode) -> anyhow::Result<i32> {
     sigint::install(&[libc::SIGINT, libc::SIGTERM]).context("installing the Ctrl-C handler")?;
@@ -238,6 +260,10 @@ pub fn run(args: &DemoArgs, mode: OutputMode) -> anyhow::Result<i32> {
         .prefix("ferry-demo-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let _memory = MemoryDirGuard;
+    let key = Arc::new(ClusterKey::generate()?);
+    key.write_new(&dir.path().join(KEY_FILE), false)
+        .context("writing the demo's cluster key")?;
     let live: LivePids = Arc::default();
     // Last resort after Ctrl-C: if the demo's own clean-up has not finished in time, kill
     // the agents and leave.
@@ -277,10 +303,10 @@ pub fn run(args: &DemoArgs, mode: OutputMode) -> anyhow::Result<i32> {
     };
     agents
         .list
-        .push(AgentProcess::spawn("a", dir.path(), &live)?);
+        .push(AgentProcess::spawn("a", dir.path(), &key, &live)?);
     agents
         .list
-        .push(AgentProcess::spawn("b", dir.path(), &live)?);
+        .push(AgentProcess::spawn("b", dir.path(), &key, &live)?);
     let result = demo(args, mode, &agents.list[0], &agents.list[1]);
     if result.is_err() || matches!(result, Ok(EXIT_FAILED)) {
         agents.print_log_tails();

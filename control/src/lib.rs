@@ -12,17 +12,22 @@
 
 pub mod agent;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod demo;
 pub mod disks;
+pub mod journal;
 pub mod migration;
 pub mod output;
+pub mod ownership;
 pub mod peer;
 pub mod progress;
+pub mod recovery;
 pub mod registry;
 pub mod sigint;
+pub mod simulation;
 
 /// An error and its sources on one line (the dataplane's, so both halves word it alike).
 pub use ferry_dataplane::engine::error_chain;

@@ -8,11 +8,13 @@
 
 mod incoming;
 mod outgoing;
+mod resolve;
 
 use std::time::Duration;
 
 pub use incoming::{accept_incoming, PendingSessions};
 pub use outgoing::{run_outgoing, OutgoingError, OutgoingRequest, ProgressThrottle};
+pub use resolve::{resolve, InDoubt, Services};
 
 /// Connecting to the destination agent, per address it resolves to.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

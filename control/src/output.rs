@@ -91,9 +91,11 @@ pub fn render_vm_table(vms: &[VmInfo]) -> String {
 
 pub fn render_vm_detail(vm: &VmInfo) -> String {
     let mut out = String::new();
-    let rows: [(&str, String); 9] = [
+    let rows: [(&str, String); 11] = [
         ("name", vm.name.clone()),
         ("state", vm.state.to_string()),
+        ("owner", vm.owner.clone()),
+        ("epoch", vm.epoch.to_string()),
         (
             "running",
             if vm.running {
@@ -417,6 +419,8 @@ mod tests {
                     max_us: 1500.0,
                 },
             }),
+            epoch: 3,
+            owner: "this agent".into(),
         };
         let text = render_vm_detail(&vm);
         for part in [
@@ -426,6 +430,8 @@ mod tests {
             "20.00 MiB/s of hotset writes",
             "25% filled",
             "disk steps   7 (3 4 per vCPU)",
+            "owner        this agent",
+            "epoch        3",
             "0 failed",
             "85 µs / 1.20 ms",
         ] {

@@ -44,6 +44,18 @@ pub enum Opening {
     MigrateIn(MigrateIn),
     /// A data stream of an accepted migration.
     DataStream(DataStream),
+    /// A destination in doubt asks how a swap ended; answered with a
+    /// [`ferry_dataplane::engine::barrier::SwapOutcome`], then closed.
+    Outcome(OutcomeQuestion),
+}
+
+/// "How did swap `session` of `vm` end?" (`epoch`: the one the VM would have on the asking
+/// destination).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeQuestion {
+    pub vm: String,
+    pub epoch: u64,
+    pub session: u64,
 }
 
 /// A source agent asks to migrate a VM here.
@@ -60,6 +72,11 @@ pub struct MigrateIn {
     pub start_paused: bool,
     /// The source would like RDMA lanes (it has a device that reaches this agent).
     pub rdma: bool,
+    /// The VM's epoch on the source; the destination owns it at `epoch + 1` once committed.
+    pub epoch: u64,
+    /// The source agent's listening port (at the control connection's peer address): where
+    /// an in-doubt destination asks for the outcome.
+    pub source_port: u16,
 }
 
 impl MigrateIn {
@@ -177,6 +194,8 @@ mod tests {
             direct_io: DirectIo::Required,
             start_paused: true,
             rdma: true,
+            epoch: 3,
+            source_port: 4242,
         };
         assert_eq!(incoming.data_connections(), STREAMS_MAX + DISK_LANES);
         let without_disk = MigrateIn {
@@ -194,6 +213,11 @@ mod tests {
             Opening::DataStream(DataStream {
                 session: u64::MAX,
                 index: 63,
+            }),
+            Opening::Outcome(OutcomeQuestion {
+                vm: "v".into(),
+                epoch: 2,
+                session: 9,
             }),
         ];
         for opening in openings {

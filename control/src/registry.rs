@@ -156,6 +156,11 @@ impl Registry {
         }
     }
 
+    /// The disk image of `name`'s entry.
+    pub fn disk_of(&self, name: &str) -> Option<HostedDisk> {
+        self.lock().get(name).and_then(|e| e.disk.clone())
+    }
+
     /// Records that an incoming VM has its device state: the migration is finishing.
     pub fn mark_state_loaded(&self, name: &str) {
         if let Some(entry) = self.lock().get_mut(name) {
@@ -341,6 +346,9 @@ fn describe(
         steps: status.steps,
         throttle_percent: status.throttle_percent,
         disk,
+        // The agent fills these in from its journal.
+        epoch: 0,
+        owner: String::new(),
     }
 }
 

@@ -4,14 +4,38 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use ferry_control::auth::ClusterKey;
 use ferry_control::client::Client;
 use serde_json::Value;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 const MIB: u64 = 1 << 20;
+
+/// The cluster key of every agent these tests start (and of the CLI talking to them over
+/// TCP): written once per test process by `ferry key init`.
+fn test_key() -> &'static Path {
+    static KEY: OnceLock<PathBuf> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-cli-test-key-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let path = dir.join("cluster.key");
+        let status = Command::new(FERRY)
+            .args(["key", "init"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "ferry key init failed");
+        path
+    })
+}
 
 /// An agent process, shut down (or killed) when dropped.
 struct Agent {
@@ -34,13 +58,9 @@ impl Agent {
     /// An agent whose data directory is `data_dir` (created by the agent).
     fn start_in(data_dir: &Path) -> Self {
         let mut child = Command::new(FERRY)
-            .args([
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--print-addr",
-                "--data-dir",
-            ])
+            .args(["agent", "--listen", "127.0.0.1:0", "--print-addr", "--key"])
+            .arg(test_key())
+            .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
@@ -76,7 +96,11 @@ impl Agent {
 
     /// Stops the agent with a Shutdown request and waits for a clean exit.
     fn shutdown(mut self) {
-        Client::new(self.addr.clone()).shutdown().unwrap();
+        let key = ClusterKey::load(test_key()).unwrap();
+        Client::new(self.addr.clone())
+            .with_key(Arc::new(key))
+            .shutdown()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -103,7 +127,8 @@ impl Drop for Agent {
 
 fn ferry(agent: &str, args: &[&str]) -> (i32, Value) {
     let output = Command::new(FERRY)
-        .args(["--agent", agent, "--json"])
+        .args(["--agent", agent, "--json", "--key"])
+        .arg(test_key())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -272,6 +297,8 @@ fn migration_between_two_agents() {
         .args([
             "--agent",
             &a.addr,
+            "--key",
+            test_key().to_str().unwrap(),
             "--progress-json",
             "migrate",
             "m",
@@ -572,6 +599,8 @@ fn direct_io_required_on_ramfs_is_a_clear_error() {
 fn migrate(a: &Agent, name: &str, to: &Agent, extra: &[&str]) -> (Vec<Value>, Value) {
     let output = Command::new(FERRY)
         .args(["--agent", &a.addr, "--progress-json", "migrate", name])
+        .arg("--key")
+        .arg(test_key())
         .args(["--to", &to.addr, "--streams", "2"])
         .args(extra)
         .output()

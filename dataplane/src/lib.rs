@@ -10,6 +10,8 @@
 
 pub mod disk;
 pub mod engine;
+pub mod failpoint;
+pub mod file_lock;
 pub mod guest;
 pub mod hash;
 pub mod memory;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -24,14 +25,18 @@ use ferry_dataplane::transport::{DestinationTransport, DiskDestination};
 use ferry_dataplane::wire::{read_message, write_message};
 use tracing::{error, info, warn};
 
+use super::resolve::{resolve, InDoubt, Services};
 use super::{DATA_STREAMS_TIMEOUT, POLL_INTERVAL};
 use crate::api::VmState;
+use crate::auth::SessionAuth;
 use crate::disks::{DiskStore, HostedDisk};
 use crate::error_chain;
+use crate::ownership::{IncomingSwap, Ownership};
 use crate::peer::{
     DataPlaneChoice, DataStream, DataStreamReply, MigrateIn, MigrateInReply, RdmaOffer,
     PEER_MESSAGE_LEN_MAX, STREAMS_MAX,
 };
+use crate::recovery::Placement;
 use crate::registry::{Registry, RegistryError};
 
 /// Data connections that arrived for an incoming session not yet started: session → the
@@ -113,9 +118,14 @@ impl Drop for SessionGuard<'_> {
 struct IncomingGuard<'a> {
     registry: &'a Registry,
     disks: &'a DiskStore,
+    ownership: &'a Ownership,
     name: String,
+    epoch: u64,
+    session: u64,
     /// The image this migration created (set once it exists).
     image: Option<HostedDisk>,
+    /// The VM's persistent files (memory, registers), once created.
+    files: Option<PathBuf>,
     completed: bool,
 }
 
@@ -124,8 +134,15 @@ impl Drop for IncomingGuard<'_> {
         if self.completed {
             return;
         }
+        self.ownership
+            .discarded(&self.name, self.epoch, self.session);
         if let Some(vm) = self.registry.remove(&self.name) {
             vm.shutdown();
+        }
+        if let Some(dir) = &self.files {
+            if let Err(err) = ReferenceVm::remove_files(dir) {
+                warn!(vm = %self.name, dir = %dir.display(), error = %err, "removing the incoming VM's files failed");
+            }
         }
         if let Some(image) = &self.image {
             if self.disks.remove(image, "the incoming migration failed") {
@@ -181,13 +198,20 @@ impl Guest for ObservedGuest<'_> {
 /// Serves a `MigrateIn` on `control` (called on that connection's thread) until the
 /// migration completes or fails.
 pub fn accept_incoming(
-    registry: &Registry,
+    services: &Services<'_>,
     sessions: &PendingSessions,
-    disks: &DiskStore,
+    memory_dir: &Path,
     mut control: TcpStream,
+    control_auth: SessionAuth,
     request: MigrateIn,
-    shutting_down: &AtomicBool,
 ) {
+    let Services {
+        registry,
+        disks,
+        ownership,
+        stopping: shutting_down,
+        ..
+    } = *services;
     let connections = request.data_connections();
     let MigrateIn {
         session,
@@ -196,7 +220,10 @@ pub fn accept_incoming(
         direct_io,
         start_paused,
         rdma,
+        epoch: source_epoch,
+        source_port,
     } = request;
+    let epoch = source_epoch.saturating_add(1);
     let name = spec.name.clone();
     let refuse = |control: &mut TcpStream, reason: String| {
         warn!(vm = %name, session = format_args!("{session:#018x}"), %reason, "incoming migration refused");
@@ -239,11 +266,28 @@ pub fn accept_incoming(
         }
         Err(err) => return refuse(&mut control, err.to_string()),
     };
+    // Where an in-doubt destination asks for the outcome: the source agent's listener at
+    // the address this connection came from.
+    let from = match control.peer_addr() {
+        Ok(peer) => std::net::SocketAddr::new(peer.ip(), source_port).to_string(),
+        Err(err) => {
+            registry.remove(&name);
+            return refuse(&mut control, format!("reading the source's address: {err}"));
+        }
+    };
+    if let Err(err) = ownership.incoming_started(&name, epoch, session, &from) {
+        registry.remove(&name);
+        return refuse(&mut control, error_chain(&err));
+    }
     let mut guard = IncomingGuard {
         registry,
         disks,
+        ownership,
         name: name.clone(),
+        epoch,
+        session,
         image: None,
+        files: None,
         completed: false,
     };
     // A fresh image: it reads as zero, so the bulk copy's zero chunks need no write. A
@@ -263,7 +307,9 @@ pub fn accept_incoming(
         },
         None => None,
     };
-    let vm = match ReferenceVm::incoming_with_disk(spec, disk) {
+    let files = memory_dir.join(&name);
+    guard.files = Some(files.clone());
+    let vm = match ReferenceVm::incoming_persistent(spec, disk, &files) {
         Ok(vm) => Arc::new(vm),
         Err(err) => {
             return refuse(
@@ -273,6 +319,12 @@ pub fn accept_incoming(
         }
     };
     registry.attach(&name, Arc::clone(&vm));
+    if let Err(err) = Placement::new(guard.image.as_ref(), direct_io).save(&files) {
+        return refuse(
+            &mut control,
+            format!("writing the incoming VM's placement failed: {err}"),
+        );
+    }
     let Some(arrivals) = sessions.open(session, connections) else {
         return refuse(
             &mut control,
@@ -316,6 +368,15 @@ pub fn accept_incoming(
         disk = ?guard.image.as_ref().map(|d| &d.path), start_paused,
         prefault_ms = vm.prefault_ms(), "incoming migration accepted");
 
+    // Fault injection (a no-op unless built for it): accepted, no data stream yet.
+    if let Some(action) = ferry_dataplane::failpoint::hit("dest-prepare") {
+        if action == ferry_dataplane::failpoint::Action::Corrupt {
+            ferry_dataplane::failpoint::corrupt_next_control_message();
+        } else {
+            warn!(vm = %name, "failpoint dest-prepare: abandoning the incoming migration");
+            return;
+        }
+    }
     let has_disk = connections > streams;
     let stop_lanes = Arc::new(AtomicBool::new(false));
     let lanes = listening.map(|listening| {
@@ -325,6 +386,7 @@ pub fn accept_incoming(
                 session,
                 streams as usize,
                 has_disk,
+                &control_auth,
                 Instant::now() + DATA_STREAMS_TIMEOUT,
                 &stop,
             )
@@ -411,7 +473,15 @@ pub fn accept_incoming(
         name: &name,
         state_loaded: AtomicBool::new(false),
     };
+    let journal = IncomingSwap {
+        ownership,
+        vm: name.clone(),
+        epoch,
+        session,
+        from: from.clone(),
+    };
     let ctx = DestinationContext {
+        journal: &journal,
         guest: &guest,
         control,
         transport,
@@ -421,13 +491,30 @@ pub fn accept_incoming(
         cancel: &cancel,
     };
     let result = migrate_in(ctx);
-    let state_loaded = guest.state_loaded.load(Ordering::SeqCst);
     match result {
         Ok(report) => {
             registry.set_state(&name, VmState::Running);
             guard.completed = true;
             info!(vm = %name, pages_received = report.pages_received, rounds = report.rounds,
                 paused = start_paused, "incoming migration completed; VM hosted here");
+        }
+        // Prepared and undecided: keep the paused VM and ask the source's agent (never
+        // resumed before it learns of the commit, never discarded before it learns of the
+        // abort).
+        Err(EngineError::InDoubt { .. }) => {
+            registry.set_state(&name, VmState::InDoubt);
+            guard.completed = true;
+            resolve(
+                services,
+                InDoubt {
+                    vm: Arc::clone(&vm),
+                    epoch,
+                    session,
+                    from,
+                    start_paused,
+                    image: guard.image.clone(),
+                },
+            );
         }
         // The engine resumes the guest only after the source's Commit; an error after that
         // (telling the source `Resumed` failed) must not discard the only running copy.
@@ -436,18 +523,6 @@ pub fn accept_incoming(
             guard.completed = true;
             error!(vm = %name, error = %error_chain(&err),
                 "incoming migration reported an error after the VM was resumed here; keeping it (the source committed)");
-        }
-        // A VM taken over paused never runs here, so whether the source committed cannot be
-        // told from it: past the device state, only an abort from the source says it did
-        // not. Otherwise keep the paused copy (discarding it could lose the only copy) and
-        // say that it must not be resumed before the source has been checked.
-        Err(err)
-            if start_paused && state_loaded && !matches!(err, EngineError::PeerAborted { .. }) =>
-        {
-            registry.set_state(&name, VmState::Running);
-            guard.completed = true;
-            error!(vm = %name, error = %error_chain(&err),
-                "incoming migration (--paused) failed after the device state was loaded; whether the source committed is unknown: keeping the PAUSED VM; check the source agent before `vm resume` (or `vm destroy` it)");
         }
         Err(err) => {
             warn!(vm = %name, error = %error_chain(&err), "incoming migration failed; discarding the incoming VM");

@@ -31,8 +31,11 @@ use super::{
     FINAL_SEND_TIMEOUT, POLL_INTERVAL, PROGRESS_INTERVAL,
 };
 use crate::api::{ErrorKind, Response, VmState};
+use crate::auth::{authenticate_client, AuthError, ClusterKey, SessionAuth};
 use crate::disks::DiskStore;
 use crate::error_chain;
+use crate::journal::JournalError;
+use crate::ownership::{OutgoingEnd, OutgoingSwap, Ownership};
 use crate::peer::{
     new_session_id, DataPlaneChoice, DataStream, DataStreamReply, MigrateIn, MigrateInReply,
     Opening, RdmaOffer, PEER_MESSAGE_LEN_MAX,
@@ -43,6 +46,8 @@ use crate::registry::{Outgoing, Registry};
 pub enum OutgoingError {
     #[error("cannot reach the destination agent at {to}")]
     Connect { to: String, source: io::Error },
+    #[error("authentication with the destination agent at {to} failed")]
+    Auth { to: String, source: AuthError },
     #[error("handshake with the destination agent at {to} failed while {step}")]
     Handshake {
         to: String,
@@ -71,6 +76,17 @@ pub enum OutgoingError {
     EnginePanicked { message: String },
     #[error("--transport rdma: {reason}")]
     Rdma { reason: String },
+    #[error("the ownership journal could not record the migration")]
+    Journal(#[source] JournalError),
+}
+
+/// Removes a discarded VM's persistent files (its memory); its disk image is the caller's.
+pub(crate) fn remove_vm_files(vm: &ReferenceVm) {
+    if let Some(dir) = vm.files_dir() {
+        if let Err(err) = ReferenceVm::remove_files(dir) {
+            warn!(vm = %vm.spec().name, dir = %dir.display(), error = %err, "removing the VM's files failed");
+        }
+    }
 }
 
 /// An outgoing migration as the `Migrate` request asked for it.
@@ -80,6 +96,10 @@ pub struct OutgoingRequest {
     pub params: MigrationParams,
     /// When the agent received the request: the report's `total_ms` counts from here.
     pub started: Instant,
+    /// The cluster key: every connection to the destination authenticates with it.
+    pub key: Arc<ClusterKey>,
+    /// This agent's listening port, for a destination in doubt to ask the outcome at.
+    pub source_port: u16,
 }
 
 /// Runs one outgoing migration to its end (called on the migration's own thread) and
@@ -88,6 +108,7 @@ pub struct OutgoingRequest {
 pub fn run_outgoing(
     registry: &Registry,
     disks: &DiskStore,
+    ownership: &Ownership,
     outgoing: Outgoing,
     request: OutgoingRequest,
     events: Sender<Response>,
@@ -100,13 +121,42 @@ pub fn run_outgoing(
         elapsed_ms: request.started.elapsed().as_millis() as u64,
         ..Progress::default()
     }));
-    let result = migrate(&vm, &cancel, &request, &events);
+    let session = new_session_id();
+    let result = match ownership.outgoing_started(&name, session, &to) {
+        Ok(epoch) => {
+            let swap = OutgoingSwap {
+                ownership,
+                vm: name.clone(),
+                session,
+                to: to.clone(),
+            };
+            migrate(&vm, &cancel, &request, &events, session, epoch, &swap)
+        }
+        Err(err) => Err(OutgoingError::Journal(err)),
+    };
+    // Whatever the engine said, the journal is the truth about the commit point.
+    let committed = ownership.committed(session);
+    let result = match result {
+        Err(OutgoingError::EnginePanicked { message }) if committed => {
+            Err(OutgoingError::Engine(EngineError::LostAfterCommit {
+                reason: format!("the engine panicked after the commit: {message}"),
+            }))
+        }
+        other => other,
+    };
+    let end = match &result {
+        Ok(_) => OutgoingEnd::Released,
+        Err(OutgoingError::Engine(EngineError::LostAfterCommit { .. })) => OutgoingEnd::Unconfirmed,
+        Err(_) => OutgoingEnd::FailedBack,
+    };
+    ownership.outgoing_finished(&name, session, end);
     let answer = match result {
         Ok(report) => {
             // The VM runs on the destination; this copy stays quiesced and is discarded,
             // with its image unless asked to keep it (a user's path is never deleted).
             registry.remove(&name);
             vm.shutdown();
+            remove_vm_files(&vm);
             drop(vm);
             match &disk {
                 Some(disk) if request.params.keep_source_disks => {
@@ -130,6 +180,7 @@ pub fn run_outgoing(
             // may be the only complete copy left.
             registry.remove(&name);
             vm.shutdown();
+            remove_vm_files(&vm);
             let chain = error_chain(&err);
             let kept = disk
                 .as_ref()
@@ -185,9 +236,11 @@ fn migrate(
     cancel: &AtomicBool,
     request: &OutgoingRequest,
     events: &Sender<Response>,
+    session: u64,
+    epoch: u64,
+    journal: &OutgoingSwap<'_>,
 ) -> Result<MigrationReport, OutgoingError> {
     let to = request.to.as_str();
-    let session = new_session_id();
     let streams = request.params.streams as u32;
     let has_disk = vm.disk().is_some();
     info!(vm = %vm.spec().name, %to, session = format_args!("{session:#018x}"), streams, has_disk, "starting outgoing migration");
@@ -197,7 +250,7 @@ fn migrate(
         // With a disk the phases are ordered: bulk copy, then the trace, then pre-copy (the
         // dirty set must start when memory pre-copy does, not before a long disk copy).
         // The engine traces after the copy.
-        (handshake(vm, to, session, request, cancel)?, None)
+        (handshake(vm, to, session, epoch, request, cancel)?, None)
     } else {
         // The trace phase (arm the tracker, hash every page) runs while the destination
         // prepares: it pre-faults its memory, which takes longer than hashing here.
@@ -210,7 +263,7 @@ fn migrate(
                     op: "spawning the trace thread",
                     source,
                 });
-            let connected = handshake(vm, to, session, request, cancel);
+            let connected = handshake(vm, to, session, epoch, request, cancel);
             if connected.is_err() {
                 trace_stop.store(true, Ordering::SeqCst);
             }
@@ -253,6 +306,18 @@ fn migrate(
         prefault_ms,
     } = connected;
     info!(vm = %vm.spec().name, transport = %transport_note, "data plane chosen");
+    // Fault injection (a no-op unless built for it): connected, the engine not started.
+    match ferry_dataplane::failpoint::hit("source-prepare") {
+        Some(ferry_dataplane::failpoint::Action::Corrupt) => {
+            ferry_dataplane::failpoint::corrupt_next_control_message()
+        }
+        Some(_) => {
+            return Err(OutgoingError::Engine(EngineError::Protocol {
+                reason: "failpoint source-prepare".into(),
+            }))
+        }
+        None => {}
+    }
 
     let mut rdma_report = None;
     let (transport, disk_link): (Arc<dyn SourceTransport>, Option<Arc<dyn DiskSource>>) = match rdma
@@ -299,6 +364,7 @@ fn migrate(
         started: request.started,
         prefault_ms,
         cancel,
+        journal,
     };
     match catch_unwind(AssertUnwindSafe(|| migrate_out(ctx, &mut on_progress))) {
         Ok(result) => result.map_err(OutgoingError::Engine).map(|mut report| {
@@ -330,6 +396,7 @@ fn handshake(
     vm: &ReferenceVm,
     to: &str,
     session: u64,
+    epoch: u64,
     request: &OutgoingRequest,
     cancel: &AtomicBool,
 ) -> Result<Connected, OutgoingError> {
@@ -341,7 +408,7 @@ fn handshake(
         }
     };
     let streams = request.params.streams as u32;
-    let mut control = connect(to)?;
+    let (mut control, control_auth) = connect_authenticated(to, &request.key)?;
     let (local_ip, peer_ip) = match (control.local_addr(), control.peer_addr()) {
         (Ok(local), Ok(peer)) => (local.ip(), peer.ip()),
         (Err(source), _) | (_, Err(source)) => {
@@ -373,6 +440,8 @@ fn handshake(
         direct_io: request.params.direct_io,
         start_paused: request.params.start_paused,
         rdma: want_rdma,
+        epoch,
+        source_port: request.source_port,
     };
     let connections = opening.data_connections();
     write_message(&mut control, &Opening::MigrateIn(opening))
@@ -401,7 +470,7 @@ fn handshake(
         if cancel.load(Ordering::SeqCst) {
             return Err(OutgoingError::Cancelled);
         }
-        data.push(open_data_stream(to, session, index)?);
+        data.push(open_data_stream(to, &request.key, session, index)?);
     }
     if cancel.load(Ordering::SeqCst) {
         return Err(OutgoingError::Cancelled);
@@ -425,12 +494,12 @@ fn handshake(
             let disk_sizes =
                 (connections > streams).then(|| vm.disks().iter().map(|d| d.size()).collect());
             match connect_outgoing(
-                local_ip,
-                std::net::SocketAddr::new(peer_ip, port),
+                (local_ip, std::net::SocketAddr::new(peer_ip, port)),
                 session,
                 streams as usize,
                 disk_sizes,
                 Arc::clone(vm.memory()),
+                &control_auth,
                 Instant::now() + DATA_STREAMS_TIMEOUT,
             ) {
                 Ok(rdma) => {
@@ -501,7 +570,18 @@ fn make_tracker(memory: &Arc<GuestMemory>) -> Result<Box<dyn DirtyTracker>, Outg
     }
 }
 
-fn connect(to: &str) -> Result<TcpStream, OutgoingError> {
+/// Connects to the destination agent and proves this agent knows the cluster key (and that
+/// the destination does) before anything else is sent.
+pub(crate) fn connect(to: &str, key: &ClusterKey) -> Result<TcpStream, OutgoingError> {
+    connect_authenticated(to, key).map(|(stream, _)| stream)
+}
+
+/// [`connect`], also returning the handshake's session key (it authenticates the RDMA lanes
+/// of a migration whose control connection this is).
+fn connect_authenticated(
+    to: &str,
+    key: &ClusterKey,
+) -> Result<(TcpStream, SessionAuth), OutgoingError> {
     let connect_err = |source| OutgoingError::Connect {
         to: to.to_string(),
         source,
@@ -510,20 +590,26 @@ fn connect(to: &str) -> Result<TcpStream, OutgoingError> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 stream
                     .set_nodelay(true)
                     .map_err(|source| OutgoingError::Socket {
                         op: "setting TCP_NODELAY",
                         source,
                     })?;
+                let auth =
+                    authenticate_client(&mut stream, key, Instant::now() + DATA_STREAMS_TIMEOUT)
+                        .map_err(|source| OutgoingError::Auth {
+                            to: to.to_string(),
+                            source,
+                        })?;
                 stream
                     .set_write_timeout(Some(DATA_STREAMS_TIMEOUT))
                     .map_err(|source| OutgoingError::Socket {
                         op: "setting a write timeout",
                         source,
                     })?;
-                return Ok(stream);
+                return Ok((stream, auth));
             }
             Err(err) => last = err,
         }
@@ -596,8 +682,13 @@ fn set_read_timeout(stream: &TcpStream, timeout: Option<Duration>) -> Result<(),
         })
 }
 
-fn open_data_stream(to: &str, session: u64, index: u32) -> Result<TcpStream, OutgoingError> {
-    let mut stream = connect(to)?;
+fn open_data_stream(
+    to: &str,
+    key: &ClusterKey,
+    session: u64,
+    index: u32,
+) -> Result<TcpStream, OutgoingError> {
+    let mut stream = connect(to, key)?;
     let handshake = |step| {
         move |source| OutgoingError::Handshake {
             to: to.to_string(),

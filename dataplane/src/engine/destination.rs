@@ -1,14 +1,18 @@
 //! Destination side of a migration: land pages, then prove lock-step, load the device
 //! state, and resume only when the source has committed.
 
+use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, unbounded};
+use crossbeam_channel::{select, unbounded, RecvTimeoutError};
 use tracing::{info, warn};
 
+use super::barrier::{
+    DestinationAction, DestinationInput, DestinationOutcome, DestinationSwap, SwapJournal,
+};
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::EngineError;
 use crate::disk::{BLOCK_SIZE, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
@@ -22,8 +26,12 @@ use crate::transport::{DestinationTransport, DiskDestination, LandingDisk, Recei
 const SOURCE_SILENCE_MAX: Duration = Duration::from_secs(120);
 /// How long a broken stream waits for the source's reason.
 const ABORT_GRACE: Duration = Duration::from_millis(300);
-/// After `Prepared`, how long the destination waits for the source's decision.
-const COMMIT_WAIT_MAX: Duration = Duration::from_secs(60);
+/// After `Prepared`, the destination waits the source's switch-over bound plus this for the
+/// decision before it asks the source's agent.
+const DECISION_MARGIN: Duration = Duration::from_secs(5);
+/// Between two questions of an in-doubt destination (the control plane asks; the engine
+/// hands over at the first).
+pub const ASK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Everything the destination needs; the control plane fills it in after accepting.
 pub struct DestinationContext<'a> {
@@ -38,6 +46,8 @@ pub struct DestinationContext<'a> {
     /// Take ownership at the commit but leave the guest paused.
     pub start_paused: bool,
     pub cancel: &'a AtomicBool,
+    /// Where `Prepared` and ownership are recorded before they are acted on.
+    pub journal: &'a dyn SwapJournal,
 }
 
 /// What the destination saw.
@@ -51,8 +61,10 @@ pub struct IncomingReport {
 }
 
 /// Receives pages until the switch-over. `Ok`: device state loaded, digest matched, the
-/// source committed and the guest has been resumed here. `Err`: the guest was not resumed
-/// and must be discarded (the source keeps or resumes the VM).
+/// source committed and the guest has been resumed here. `Err(EngineError::InDoubt)`: the
+/// destination is prepared (journaled) but the source's decision did not arrive: the guest
+/// must be kept, paused, until the source's agent says how the swap ended. Any other `Err`:
+/// the guest was not resumed and must be discarded (the source keeps or resumes the VM).
 pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineError> {
     let DestinationContext {
         guest,
@@ -62,29 +74,38 @@ pub fn migrate_in(ctx: DestinationContext<'_>) -> Result<IncomingReport, EngineE
         fresh_disks,
         start_paused,
         cancel,
+        journal,
     } = ctx;
     let mut control = ControlChannel::<ToDestination>::new(control)?;
-    let result = receive(
+    let incoming = Incoming {
         guest,
-        &mut control,
-        transport.as_mut(),
-        &mut disk_transport,
         fresh_disks,
         start_paused,
         cancel,
+        journal,
+    };
+    let result = receive(
+        &incoming,
+        &mut control,
+        transport.as_mut(),
+        &mut disk_transport,
     );
     transport.shutdown();
     if let Some(disk_transport) = disk_transport.as_mut() {
         disk_transport.shutdown();
     }
-    if let Err(error) = &result {
+    if let Err(error @ EngineError::InDoubt { .. }) = &result {
+        warn!(%error, "incoming migration prepared but undecided; keeping the paused VM");
+    } else if let Err(error) = &result {
         warn!(%error, "incoming migration failed; the VM stays with the source");
-        // The peer already knows when it aborted, or when we answered NotInLockStep.
+        // The peer already knows when it aborted, when we answered NotInLockStep, or when
+        // the barrier told it.
         if !matches!(
             error,
             EngineError::PeerAborted { .. }
                 | EngineError::DigestMismatch { .. }
                 | EngineError::DiskDigestMismatch { .. }
+                | EngineError::Journal { .. }
         ) {
             let _ = control.send(&ToSource::Abort {
                 reason: super::error_chain(&error),
@@ -102,18 +123,32 @@ fn abort_reason(control: &ControlChannel<ToDestination>) -> Option<String> {
     }
 }
 
+/// The incoming guest and how to take it over (the context without its channels).
+struct Incoming<'a> {
+    guest: &'a dyn Guest,
+    fresh_disks: bool,
+    start_paused: bool,
+    cancel: &'a AtomicBool,
+    journal: &'a dyn SwapJournal,
+}
+
 fn receive(
-    guest: &dyn Guest,
+    incoming: &Incoming<'_>,
     control: &mut ControlChannel<ToDestination>,
     transport: &mut dyn DestinationTransport,
     disk_transport: &mut Option<Box<dyn DiskDestination>>,
-    fresh_disks: bool,
-    start_paused: bool,
-    cancel: &AtomicBool,
 ) -> Result<IncomingReport, EngineError> {
+    let &Incoming {
+        guest,
+        fresh_disks,
+        start_paused,
+        cancel,
+        journal,
+    } = incoming;
     let memory = Arc::clone(guest.memory());
     let our_disks: Vec<u64> = guest.disks().iter().map(|d| d.size()).collect();
     let disk_link_params;
+    let decision_wait;
     let pages = memory.pages() as u64;
     let is_cancelled = || cancel.load(Ordering::Relaxed);
     match control.recv(
@@ -129,7 +164,9 @@ fn receive(
             disks,
             disk_chunk_bytes,
             disk_queue_depth,
+            switchover_timeout_ms,
         } => {
+            decision_wait = Duration::from_millis(switchover_timeout_ms) + DECISION_MARGIN;
             if protocol != PROTOCOL_VERSION {
                 return Err(EngineError::Protocol {
                     reason: format!("source speaks migration protocol {protocol}, this agent {PROTOCOL_VERSION}"),
@@ -295,48 +332,120 @@ fn receive(
     // landed.
     let ours = digest.value();
     let our_disk_digests: Vec<u64> = disk_digests.iter().map(|d| d.value()).collect();
-    if ours != source_digest || our_disk_digests != source_disk_digests {
-        control.send(&ToSource::NotInLockStep {
-            digest: ours,
-            disk_digests: our_disk_digests.clone(),
-        })?;
-        if ours != source_digest {
-            return Err(EngineError::DigestMismatch {
-                source_digest,
-                destination_digest: ours,
-            });
+    let matches = ours == source_digest && our_disk_digests == source_disk_digests;
+    let mut lost: Option<String> = None;
+    let mut aborted: Option<String> = None;
+    if matches {
+        guest.load_state(&device_state)?;
+    }
+    // The barrier decides from here (see `barrier`): prepared only once journaled, resumed
+    // only on the source's commit, and in doubt (handed to the control plane, which asks the
+    // source's agent) when the decision does not arrive.
+    let mut swap = DestinationSwap::new(decision_wait, ASK_INTERVAL);
+    let mut inputs = VecDeque::from([DestinationInput::LockStep { matches }]);
+    loop {
+        while let Some(input) = inputs.pop_front() {
+            for action in swap.step(input, Instant::now()) {
+                match action {
+                    DestinationAction::JournalPrepared => {
+                        inputs.push_back(DestinationInput::PrepareJournaled(journal.prepared()));
+                    }
+                    DestinationAction::SendPrepared => {
+                        if let Err(error) = control.send(&ToSource::Prepared {
+                            digest: ours,
+                            disk_digests: our_disk_digests.clone(),
+                        }) {
+                            inputs.push_back(DestinationInput::ChannelLost(error.to_string()));
+                        }
+                    }
+                    DestinationAction::SendNotInLockStep => {
+                        let _ = control.send(&ToSource::NotInLockStep {
+                            digest: ours,
+                            disk_digests: our_disk_digests.clone(),
+                        });
+                    }
+                    DestinationAction::SendAbort(reason) => {
+                        let _ = control.send(&ToSource::Abort { reason });
+                    }
+                    DestinationAction::JournalOwned => {
+                        if let Some(
+                            crate::failpoint::Action::Error | crate::failpoint::Action::NoSpace,
+                        ) = crate::failpoint::hit("dest-after-commit")
+                        {
+                            warn!("failpoint dest-after-commit: not journaling Owned");
+                        } else if let Err(error) = journal.owned() {
+                            warn!(%error, "recording ownership failed; the VM is ours anyway (the source journaled the commit)");
+                        }
+                    }
+                    DestinationAction::ResumeGuest => {
+                        if !start_paused {
+                            guest.resume()?;
+                        }
+                    }
+                    DestinationAction::SendResumed => {
+                        if let Err(error) = control.send(&ToSource::Resumed) {
+                            warn!(%error, "could not confirm the resume to the source; the VM is ours (the source committed)");
+                        }
+                    }
+                    // The caller discards the incoming guest on any error.
+                    DestinationAction::Discard => {}
+                    DestinationAction::AskOutcome => {
+                        return Err(EngineError::InDoubt {
+                            reason: lost.take().unwrap_or_else(|| {
+                                "no decision within the switch-over bound".into()
+                            }),
+                        })
+                    }
+                }
+            }
         }
-        return Err(EngineError::DiskDigestMismatch {
-            source_digests: source_disk_digests,
-            destination_digests: our_disk_digests,
-        });
-    }
-    guest.load_state(&device_state)?;
-    control.send(&ToSource::Prepared {
-        digest: ours,
-        disk_digests: our_disk_digests.clone(),
-    })?;
-    let never = || false;
-    match control.recv(
-        Instant::now() + COMMIT_WAIT_MAX,
-        &never,
-        "the source's commit",
-    )? {
-        ToDestination::Commit => {}
-        ToDestination::Abort { reason } => return Err(EngineError::PeerAborted { reason }),
-        other => {
-            return Err(EngineError::Protocol {
-                reason: format!("expected Commit, got {other:?}"),
-            })
+        match swap.outcome() {
+            Some(DestinationOutcome::Owned) => break,
+            Some(DestinationOutcome::Discarded(reason)) => {
+                return Err(if ours != source_digest {
+                    EngineError::DigestMismatch {
+                        source_digest,
+                        destination_digest: ours,
+                    }
+                } else if our_disk_digests != source_disk_digests {
+                    EngineError::DiskDigestMismatch {
+                        source_digests: source_disk_digests,
+                        destination_digests: our_disk_digests,
+                    }
+                } else if let Some(reason) = aborted.take() {
+                    EngineError::PeerAborted { reason }
+                } else {
+                    EngineError::Journal {
+                        reason: reason.clone(),
+                    }
+                })
+            }
+            None => {}
         }
-    }
-    // From here the VM is this side's, whatever happens to the control channel: the source
-    // passed its commit point when it wrote Commit and will never run the VM again.
-    if !start_paused {
-        guest.resume()?;
-    }
-    if let Err(error) = control.send(&ToSource::Resumed) {
-        warn!(%error, "could not confirm the resume to the source; the VM is ours (the source committed)");
+        let input = match control.inbox().recv_timeout(Duration::from_millis(50)) {
+            Ok(Ok(ToDestination::Commit)) => DestinationInput::Commit,
+            Ok(Ok(ToDestination::Abort { reason })) => {
+                aborted = Some(reason.clone());
+                DestinationInput::PeerAborted(reason)
+            }
+            Ok(Ok(other)) => {
+                let reason = format!("expected Commit, got {other:?}");
+                lost = Some(reason.clone());
+                DestinationInput::ChannelLost(reason)
+            }
+            Ok(Err(error)) => {
+                let reason = format!("control channel: {error}");
+                lost = Some(reason.clone());
+                DestinationInput::ChannelLost(reason)
+            }
+            Err(RecvTimeoutError::Timeout) => DestinationInput::Tick,
+            Err(RecvTimeoutError::Disconnected) => {
+                let reason = "the control channel closed".to_string();
+                lost = Some(reason.clone());
+                DestinationInput::ChannelLost(reason)
+            }
+        };
+        inputs.push_back(input);
     }
     info!(
         pages_received,

@@ -258,6 +258,7 @@ impl DiskSession {
         let mut zero_bytes = 0u64;
         let started = Instant::now();
         let mut last_emit = Instant::now();
+        let mut failpoint_due = true;
         let size = disk.size();
 
         // Marks acknowledged chunks copied: all of them when `wait_for` is reached.
@@ -316,6 +317,14 @@ impl DiskSession {
                 window_cell
                     .borrow_mut()
                     .push_back((ticket, (offset / chunk as u64) as usize));
+                if std::mem::take(&mut failpoint_due) {
+                    // Fault injection (a no-op unless built for it): the copy is under way.
+                    if let Some(crate::failpoint::Action::Corrupt) =
+                        crate::failpoint::hit("source-disk-copy")
+                    {
+                        crate::failpoint::corrupt_next_frame();
+                    }
+                }
                 if last_emit.elapsed() >= PROGRESS_INTERVAL {
                     last_emit = Instant::now();
                     let done = data_bytes + zero_bytes;

@@ -14,6 +14,7 @@ use crate::memory::TrackerError;
 use crate::transport::TransportError;
 use crate::wire::WireError;
 
+pub mod barrier;
 pub mod convergence;
 pub mod destination;
 mod disk_copy;
@@ -367,6 +368,10 @@ pub enum EngineError {
     LostAfterCommit { reason: String },
     #[error("disk error")]
     Disk(#[from] DiskError),
+    #[error("the journal could not record the decision: {reason}")]
+    Journal { reason: String },
+    #[error("prepared, but the source's decision did not arrive ({reason}): the VM is in doubt here until the source's agent says how the swap ended")]
+    InDoubt { reason: String },
     #[error("disk digests differ at the switch-over (source {source_digests:x?}, destination {destination_digests:x?}): the disks are not in lock-step")]
     DiskDigestMismatch {
         source_digests: Vec<u64>,

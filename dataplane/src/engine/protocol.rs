@@ -9,12 +9,15 @@
 //!   quiesce, final round
 //!   SwitchOver{final_round, state,     ──▶ waits for every stream's final RoundEnd,
 //!              digest, disk_digests}          syncs the disks, compares digests, loads the state
+//!                                             journals Prepared (the copy is recoverable)
 //!                         ◀───────────────   Prepared{digests}   (or NotInLockStep{digests}, Abort{reason})
-//!   ── commit point: the source will never run the VM again ──
-//!   Commit ──────────────────────────────▶   resumes the guest
+//!   journals HandedOver ── COMMIT POINT: the source will never run the VM again ──
+//!   Commit ──────────────────────────────▶   journals Owned, resumes the guest
 //!                         ◀───────────────   Resumed
 //! ```
 //! Either side may send `Abort{reason}` before the commit point; the source then resumes.
+//! The decisions are the barrier's ([`super::barrier`]); a destination that is prepared and
+//! hears neither `Commit` nor `Abort` asks the source's agent (outside this channel).
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -26,7 +29,7 @@ use super::EngineError;
 use crate::wire::{read_message, write_message, WireError};
 
 /// Version of this message set (independent of the frame format).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control message: the device state travels in `SwitchOver`.
 pub const CONTROL_MESSAGE_MAX: u32 = 8 << 20;
 
@@ -43,6 +46,9 @@ pub enum ToDestination {
         disk_chunk_bytes: u32,
         /// Writes the destination keeps in flight per disk lane.
         disk_queue_depth: u32,
+        /// The source's bound on the switch-over: the destination waits this long (and a
+        /// margin) for the decision after `Prepared` before it asks the source's agent.
+        switchover_timeout_ms: u64,
     },
     SwitchOver {
         final_round: u32,

@@ -6,6 +6,7 @@
 //! collection. If a round cannot be sent, its pages are put back into the tracker: a
 //! collected dirty set is never lost.
 
+use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::barrier::{FailBack, SourceAction, SourceInput, SourceOutcome, SourceSwap, SwapJournal};
 use super::convergence::{predicted_downtime_ms, Convergence, Decision, RoundMeasurement};
 use super::disk_copy::DiskSession;
 use super::pacer::Pacer;
@@ -20,6 +22,7 @@ use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION}
 use super::sender::{DoneOnDrop, RoundCounters, StreamSender, StreamSent};
 pub use super::trace::{trace, Trace};
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
+use crate::failpoint;
 use crate::guest::Guest;
 use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE};
 use crate::transport::{DiskSource, SourceTransport};
@@ -50,6 +53,8 @@ pub struct SourceContext<'a> {
     pub prefault_ms: f64,
     /// Set to cancel; the migration fails back at the next check (at least every 200 ms).
     pub cancel: &'a AtomicBool,
+    /// Where the commit point is recorded before `Commit` is sent.
+    pub journal: &'a dyn SwapJournal,
 }
 
 /// Runs pre-copy and the switch-over.
@@ -105,6 +110,9 @@ pub fn migrate_out(
         },
         progress: Progress::default(),
         send_ms_total: 0.0,
+        swap: SourceSwap::new(Duration::from_millis(ctx.params.switchover_timeout_ms)),
+        journal: ctx.journal,
+        resume_due: false,
     };
     let result = run.run(guest, ctx.tracker, &mut control, progress);
     match result {
@@ -124,18 +132,38 @@ pub fn migrate_out(
                 EngineError::Transport(_) => peer_reason(&control).unwrap_or(error),
                 error => error,
             };
-            // Fail back: the VM resumes here with its own memory; nothing was handed over.
-            warn!(%error, "migration failed before the commit point; resuming the VM on the source");
-            let _ = control.send(&ToDestination::Abort {
-                reason: super::error_chain(&error),
-            });
-            transport.shutdown();
-            guest.set_throttle(0);
-            if let Err(resume_error) = guest.resume() {
-                warn!(%resume_error, "resuming the source VM after fail-back failed");
+            // The barrier decides (it may have done so already, in the switch-over): before
+            // the commit point it fails back.
+            let input = match &error {
+                EngineError::Cancelled => SourceInput::Cancelled,
+                EngineError::PeerAborted { reason } => SourceInput::PeerAborted(reason.clone()),
+                error => SourceInput::Failed(super::error_chain(error)),
+            };
+            let mut resume = run.resume_due;
+            for action in run.swap.step(input, Instant::now()) {
+                match action {
+                    SourceAction::SendAbort(reason) => {
+                        let _ = control.send(&ToDestination::Abort { reason });
+                    }
+                    SourceAction::ResumeGuest => resume = true,
+                    SourceAction::JournalCommit | SourceAction::SendCommit => {}
+                }
             }
-            run.progress.phase = Some(Phase::FailedBack);
-            run.emit(progress);
+            transport.shutdown();
+            if resume {
+                // Fail back: the VM resumes here with its own memory; nothing was handed over.
+                warn!(%error, "migration failed before the commit point; resuming the VM on the source");
+                guest.set_throttle(0);
+                if let Err(resume_error) = guest.resume() {
+                    warn!(%resume_error, "resuming the source VM after fail-back failed");
+                }
+                run.progress.phase = Some(Phase::FailedBack);
+                run.emit(progress);
+            } else if run.swap.committed() {
+                return Err(EngineError::LostAfterCommit {
+                    reason: super::error_chain(&error),
+                });
+            }
             Err(error)
         }
     }
@@ -169,6 +197,11 @@ struct SourceRun<'a> {
     report: MigrationReport,
     progress: Progress,
     send_ms_total: f64,
+    /// The quiesce-and-swap barrier's source side.
+    swap: SourceSwap,
+    journal: &'a dyn SwapJournal,
+    /// The barrier failed back: resume the guest once the migration's links are down.
+    resume_due: bool,
 }
 
 /// What sending one round produced.
@@ -194,6 +227,23 @@ impl SourceRun<'_> {
         self.cancel.load(Ordering::Relaxed)
     }
 
+    /// A failpoint between two steps of the migration (a no-op unless built for fault
+    /// injection): `error` fails the migration here, `corrupt` corrupts the next frame.
+    fn failpoint(&self, name: &'static str) -> Result<(), EngineError> {
+        match failpoint::hit(name) {
+            Some(failpoint::Action::Error | failpoint::Action::NoSpace) => {
+                Err(EngineError::Protocol {
+                    reason: format!("failpoint {name}"),
+                })
+            }
+            Some(failpoint::Action::Corrupt) => {
+                failpoint::corrupt_next_frame();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn run(
         &mut self,
         guest: &dyn Guest,
@@ -213,6 +263,7 @@ impl SourceRun<'_> {
             disks: disk_sizes.clone(),
             disk_chunk_bytes: self.params.disk_chunk_bytes,
             disk_queue_depth: self.params.disk_queue_depth,
+            switchover_timeout_ms: self.params.switchover_timeout_ms,
         })?;
         let cancel = || self.cancelled();
         match control.recv(
@@ -323,6 +374,9 @@ impl SourceRun<'_> {
             let sent =
                 self.send_round_or_put_back(tracker, &to_send, round, &pacer, None, progress)?;
             self.report.rounds = round + 1;
+            if round == 0 {
+                self.failpoint("source-precopy-round")?;
+            }
             // Collect (and re-arm) before deciding: these pages are what the next round, or
             // the switch-over, must send.
             to_send = tracker.collect()?;
@@ -400,69 +454,9 @@ impl SourceRun<'_> {
             digest,
             disk_digests: disk_digests.clone(),
         })?;
-        let cancel = || self.cancelled();
-        let timeout = || EngineError::SwitchoverTimeout {
-            timeout_ms: self.params.switchover_timeout_ms,
-        };
-        match control.recv(deadline, &cancel, "the destination's prepared answer") {
-            Ok(
-                ToSource::Prepared {
-                    digest: theirs,
-                    disk_digests: their_disks,
-                }
-                | ToSource::NotInLockStep {
-                    digest: theirs,
-                    disk_digests: their_disks,
-                },
-            ) => {
-                if theirs != digest {
-                    return Err(EngineError::DigestMismatch {
-                        source_digest: digest,
-                        destination_digest: theirs,
-                    });
-                }
-                if their_disks != disk_digests {
-                    return Err(EngineError::DiskDigestMismatch {
-                        source_digests: disk_digests,
-                        destination_digests: their_disks,
-                    });
-                }
-            }
-            Ok(ToSource::Abort { reason }) => return Err(EngineError::PeerAborted { reason }),
-            Ok(other) => {
-                return Err(EngineError::Protocol {
-                    reason: format!("expected Prepared, got {other:?}"),
-                })
-            }
-            Err(EngineError::Protocol { .. }) if Instant::now() >= deadline => {
-                return Err(timeout())
-            }
-            Err(e) => return Err(e),
-        }
-        if Instant::now() >= deadline {
-            return Err(timeout());
-        }
-        // Commit point. A Commit that could not even be written never reached the
-        // destination, so the source may still resume; once written, it never will.
-        control.send(&ToDestination::Commit)?;
         self.report.memory_digest = digest;
         self.report.disks = disks.reports();
-        let never = || false;
-        let ack_deadline =
-            Instant::now() + Duration::from_millis(self.params.switchover_timeout_ms);
-        match control.recv(ack_deadline, &never, "the destination's resume") {
-            Ok(ToSource::Resumed) => {}
-            Ok(other) => {
-                return Err(EngineError::LostAfterCommit {
-                    reason: format!("expected Resumed, got {other:?}"),
-                })
-            }
-            Err(e) => {
-                return Err(EngineError::LostAfterCommit {
-                    reason: e.to_string(),
-                })
-            }
-        }
+        self.swap_to_the_end(control, deadline, digest, &disk_digests)?;
         self.report.downtime_ms = quiesced_at.elapsed().as_secs_f64() * 1000.0;
         self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.report.throughput_bytes_per_s =
@@ -474,6 +468,137 @@ impl SourceRun<'_> {
             "VM handed over"
         );
         Ok(())
+    }
+
+    /// Drives the barrier from `SwitchOver` sent to its end: `Ok` once the destination
+    /// confirmed the resume; otherwise the error (the barrier has already resumed the guest
+    /// if it failed back before the commit point).
+    fn swap_to_the_end(
+        &mut self,
+        control: &mut ControlChannel<ToSource>,
+        deadline: Instant,
+        digest: u64,
+        disk_digests: &[u64],
+    ) -> Result<(), EngineError> {
+        let mut theirs: Option<(u64, Vec<u64>)> = None;
+        let mut lost: Option<EngineError> = None;
+        let mut inputs = VecDeque::from([SourceInput::SwitchOverSent { deadline }]);
+        loop {
+            while let Some(input) = inputs.pop_front() {
+                for action in self.swap.step(input, Instant::now()) {
+                    match action {
+                        SourceAction::JournalCommit => {
+                            let journaled = self.journal.commit();
+                            if journaled.is_ok() {
+                                if let Some(failpoint::Action::Corrupt) =
+                                    failpoint::hit("source-after-commit")
+                                {
+                                    failpoint::corrupt_next_control_message();
+                                }
+                            }
+                            inputs.push_back(SourceInput::CommitJournaled(journaled));
+                        }
+                        SourceAction::SendCommit => {
+                            if let Err(error) = control.send(&ToDestination::Commit) {
+                                warn!(%error, "Commit could not be sent; the VM is the destination's (committed), it will learn the outcome from this agent");
+                                inputs.push_back(SourceInput::ChannelLost(error.to_string()));
+                            }
+                        }
+                        SourceAction::SendAbort(reason) => {
+                            let _ = control.send(&ToDestination::Abort { reason });
+                        }
+                        SourceAction::ResumeGuest => self.resume_due = true,
+                    }
+                }
+            }
+            match self.swap.outcome().cloned() {
+                Some(SourceOutcome::HandedOver { confirmed: true }) => return Ok(()),
+                Some(SourceOutcome::HandedOver { confirmed: false }) => {
+                    return Err(EngineError::LostAfterCommit {
+                        reason: lost.map_or_else(
+                            || "no Resumed within the bound".to_string(),
+                            |e| e.to_string(),
+                        ),
+                    })
+                }
+                Some(SourceOutcome::FailedBack(why)) => {
+                    return Err(match (why, theirs.take()) {
+                        (FailBack::Timeout, _) => EngineError::SwitchoverTimeout {
+                            timeout_ms: self.params.switchover_timeout_ms,
+                        },
+                        (FailBack::NotInLockStep, Some((their_digest, _)))
+                            if their_digest != digest =>
+                        {
+                            EngineError::DigestMismatch {
+                                source_digest: digest,
+                                destination_digest: their_digest,
+                            }
+                        }
+                        (FailBack::NotInLockStep, Some((_, their_disks))) => {
+                            EngineError::DiskDigestMismatch {
+                                source_digests: disk_digests.to_vec(),
+                                destination_digests: their_disks,
+                            }
+                        }
+                        (FailBack::PeerAborted(reason), _) => EngineError::PeerAborted { reason },
+                        (FailBack::JournalFailed(reason), _) => EngineError::Journal { reason },
+                        (FailBack::Cancelled, _) => EngineError::Cancelled,
+                        (FailBack::ChannelLost(reason) | FailBack::Failed(reason), _) => {
+                            lost.take().unwrap_or(EngineError::Protocol { reason })
+                        }
+                        (FailBack::NotInLockStep, None) => EngineError::Protocol {
+                            reason: "the destination is not in lock-step".into(),
+                        },
+                    })
+                }
+                None => {}
+            }
+            if self.cancelled() && !self.swap.committed() {
+                inputs.push_back(SourceInput::Cancelled);
+                continue;
+            }
+            let input = match control.inbox().recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok(
+                    ToSource::Prepared {
+                        digest: their_digest,
+                        disk_digests: their_disks,
+                    }
+                    | ToSource::NotInLockStep {
+                        digest: their_digest,
+                        disk_digests: their_disks,
+                    },
+                )) => {
+                    let matches = their_digest == digest && their_disks == disk_digests;
+                    theirs = Some((their_digest, their_disks));
+                    match self.failpoint("source-before-commit") {
+                        Ok(()) => SourceInput::Prepared { matches },
+                        Err(error) => SourceInput::Failed(error.to_string()),
+                    }
+                }
+                Ok(Ok(ToSource::Resumed)) => SourceInput::Resumed,
+                Ok(Ok(ToSource::Abort { reason })) => SourceInput::PeerAborted(reason),
+                Ok(Ok(other)) => {
+                    let reason = format!("unexpected {other:?} in the switch-over");
+                    lost = Some(EngineError::Protocol {
+                        reason: reason.clone(),
+                    });
+                    SourceInput::ChannelLost(reason)
+                }
+                Ok(Err(source)) => {
+                    let reason = source.to_string();
+                    lost = Some(EngineError::Wire {
+                        channel: "control",
+                        source,
+                    });
+                    SourceInput::ChannelLost(reason)
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => SourceInput::Tick,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    SourceInput::ChannelLost("the control channel closed".into())
+                }
+            };
+            inputs.push_back(input);
+        }
     }
 
     /// Sends one round; if it fails, the round's pages go back to the tracker.

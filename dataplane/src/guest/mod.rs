@@ -30,6 +30,8 @@ pub enum GuestError {
     Disk(#[from] DiskError),
     #[error("starting the thread of vCPU {vcpu} failed")]
     Spawn { vcpu: u32, source: std::io::Error },
+    #[error("the VM's persistent files")]
+    Persist(#[source] Box<reference::persist::PersistError>),
 }
 
 /// What the migration engine needs from a VM. Every lifecycle method is required: a guest

@@ -1,7 +1,7 @@
 //! Guest memory and the knowledge of which of its pages changed.
 //!
-//! - [`region`]: the guest's RAM, a memfd mapped shared (so RDMA can register it and a VMM
-//!   can share it).
+//! - [`region`]: the guest's RAM, a memfd (or a tmpfs file, to outlive the process) mapped
+//!   shared (so RDMA can register it and a VMM can share it).
 //! - [`bitmap`]: a set of dirty pages.
 //! - [`tracker`]: the [`DirtyTracker`] seam and its kernel implementation (userfaultfd
 //!   write-protect in async mode, read-and-rearmed with `PAGEMAP_SCAN`).

@@ -1,4 +1,5 @@
-//! The guest's RAM: one memfd, mapped `MAP_SHARED` into this process.
+//! The guest's RAM: one memfd (or, for a VM that must survive its process, one file on
+//! tmpfs), mapped `MAP_SHARED` into this process.
 //!
 //! Guest memory is shared with the vCPU threads the way a device's DMA region is shared
 //! with the device: the migration engine reads pages while vCPUs write them. A read may
@@ -8,7 +9,10 @@
 //! references, so the unsafe surface is this file.
 
 use std::ffi::CString;
+use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
@@ -28,12 +32,36 @@ pub enum MemoryError {
         name: String,
         source: std::io::Error,
     },
-    #[error("sizing the memfd to {bytes} bytes failed")]
+    #[error("sizing the guest memory to {bytes} bytes failed")]
     Truncate { bytes: u64, source: std::io::Error },
     #[error("mapping {bytes} bytes of guest memory failed")]
     Map { bytes: u64, source: std::io::Error },
     #[error("pre-faulting guest memory failed")]
     Prefault { source: std::io::Error },
+    #[error("creating the guest memory file {path} failed")]
+    FileCreate {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the guest memory file {path} failed")]
+    FileOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the guest memory file {path} is {found} bytes, expected {bytes}")]
+    FileSize {
+        path: PathBuf,
+        bytes: u64,
+        found: u64,
+    },
+    #[error("allocating {bytes} bytes for the guest memory file {path} failed (is the filesystem full?)")]
+    FileAllocate {
+        path: PathBuf,
+        bytes: u64,
+        source: std::io::Error,
+    },
+    #[error("the guest memory file {path} is not a regular file")]
+    NotRegularFile { path: PathBuf },
 }
 
 /// A guest's RAM. Page `p` lives at guest-physical address `p * PAGE_SIZE`.
@@ -62,11 +90,7 @@ impl std::fmt::Debug for GuestMemory {
 impl GuestMemory {
     /// Creates `bytes` of zeroed guest memory backed by a new memfd.
     pub fn new(name: &str, bytes: u64) -> Result<Self, MemoryError> {
-        if !bytes.is_multiple_of(PAGE_SIZE as u64)
-            || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&bytes)
-        {
-            return Err(MemoryError::BadSize { bytes });
-        }
+        check_size(bytes)?;
         let cname = CString::new(format!("ferry-guest-{name}").replace('\0', "_"))
             .expect("NULs were replaced");
         // SAFETY: cname is a valid NUL-terminated string; flags are constants.
@@ -86,8 +110,86 @@ impl GuestMemory {
                 source: std::io::Error::last_os_error(),
             });
         }
+        Self::map(fd, bytes)
+    }
+
+    /// Creates `bytes` of zeroed guest memory backed by a new file at `path` (O_CREAT|O_EXCL,
+    /// mode 0600), so that the memory outlives this process: a later process maps it again
+    /// with [`GuestMemory::open_file`]. Meant for tmpfs (`/dev/shm`): there the pages are
+    /// shared memory exactly like a memfd's (write tracking and RDMA registration work the
+    /// same, nothing is ever written back), and they survive the process but not the host.
+    /// On a disk filesystem the kernel would write dirty guest pages back to the disk, and
+    /// userfaultfd write-protection is not offered for such mappings, so that is logged.
+    ///
+    /// The whole size is allocated up front (`fallocate`), so a full tmpfs fails here rather
+    /// than with SIGBUS in a vCPU thread later. On failure after the file was created, the
+    /// file is removed.
+    pub fn create_file(path: &Path, bytes: u64) -> Result<Self, MemoryError> {
+        check_size(bytes)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| MemoryError::FileCreate {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let sized = allocate(&file, path, bytes);
+        match sized.and_then(|()| Self::map(OwnedFd::from(file), bytes)) {
+            Ok(memory) => {
+                warn_unless_shared_memory(path, &memory.fd);
+                Ok(memory)
+            }
+            Err(error) => {
+                if let Err(e) = std::fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the half-created guest memory file");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Maps an existing guest memory file made by [`GuestMemory::create_file`]; its length
+    /// must be exactly `bytes`. The content is whatever the file holds.
+    pub fn open_file(path: &Path, bytes: u64) -> Result<Self, MemoryError> {
+        check_size(bytes)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| MemoryError::FileOpen {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| MemoryError::FileOpen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(MemoryError::NotRegularFile {
+                path: path.to_path_buf(),
+            });
+        }
+        if meta.len() != bytes {
+            return Err(MemoryError::FileSize {
+                path: path.to_path_buf(),
+                bytes,
+                found: meta.len(),
+            });
+        }
+        let memory = Self::map(OwnedFd::from(file), bytes)?;
+        warn_unless_shared_memory(path, &memory.fd);
+        Ok(memory)
+    }
+
+    /// Maps `bytes` (a checked size) of `fd`, which is at least that long, shared.
+    fn map(fd: OwnedFd, bytes: u64) -> Result<Self, MemoryError> {
         let len = bytes as usize;
-        // SAFETY: mapping a fresh region (addr NULL) of `len` bytes of a memfd that is at least
+        // SAFETY: mapping a fresh region (addr NULL) of `len` bytes of a file that is at least
         // `len` long; the result is checked against MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
@@ -124,7 +226,8 @@ impl GuestMemory {
         self.len / PAGE_SIZE
     }
 
-    /// The memfd behind the memory (for RDMA registration or sharing with a VMM).
+    /// The memfd (or tmpfs file) behind the memory (for RDMA registration or sharing with a
+    /// VMM).
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -272,6 +375,60 @@ impl Drop for GuestMemory {
     }
 }
 
+/// Checks a guest memory size against the page size and the accepted range.
+fn check_size(bytes: u64) -> Result<(), MemoryError> {
+    if !bytes.is_multiple_of(PAGE_SIZE as u64)
+        || !(MEMORY_BYTES_MIN..=MEMORY_BYTES_MAX).contains(&bytes)
+    {
+        return Err(MemoryError::BadSize { bytes });
+    }
+    Ok(())
+}
+
+/// Sizes a new guest memory file to `bytes`, allocating every page where the filesystem
+/// can (tmpfs can); elsewhere it is only extended.
+fn allocate(file: &std::fs::File, path: &Path, bytes: u64) -> Result<(), MemoryError> {
+    // SAFETY: file is open for writing; offset 0 and a length within off_t (checked against
+    // MEMORY_BYTES_MAX) are valid arguments; mode 0 allocates and extends.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(MemoryError::FileAllocate {
+            path: path.to_path_buf(),
+            bytes,
+            source: error,
+        });
+    }
+    file.set_len(bytes)
+        .map_err(|source| MemoryError::Truncate { bytes, source })
+}
+
+/// Filesystems whose files are shared memory: `TMPFS_MAGIC` and `HUGETLBFS_MAGIC`.
+const SHARED_MEMORY_FS_MAGICS: [u32; 2] = [0x0102_1994, 0x9584_58f6];
+
+/// Logs a warning when the file behind `fd` is not on tmpfs or hugetlbfs (see
+/// [`GuestMemory::create_file`] for why that matters).
+fn warn_unless_shared_memory(path: &Path, fd: &OwnedFd) {
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fd is open; stat points to writable storage of the size fstatfs fills.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return;
+    }
+    // `f_type`'s width and sign differ between targets; the magics are 32-bit.
+    // SAFETY: fstatfs returned 0, so it initialised the struct.
+    let fs_type = unsafe { stat.assume_init() }.f_type as u32;
+    if !SHARED_MEMORY_FS_MAGICS.contains(&fs_type) {
+        tracing::warn!(
+            path = %path.display(),
+            fs_type = format_args!("{fs_type:#x}"),
+            "guest memory file is not on tmpfs: the kernel writes its pages back to disk and userfaultfd write tracking may be refused"
+        );
+    }
+}
+
 /// True when every byte of `bytes` is zero. Word-at-a-time; the compiler vectorises it.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = {
@@ -312,6 +469,156 @@ mod tests {
             GuestMemory::new("t", 0),
             Err(MemoryError::BadSize { .. })
         ));
+    }
+
+    /// A fresh directory on tmpfs, where guest memory files belong.
+    fn shm_dir() -> tempfile::TempDir {
+        tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs on every Linux host")
+    }
+
+    #[test]
+    fn file_memory_outlives_its_mapping_and_is_exclusive() {
+        let dir = shm_dir();
+        let path = dir.path().join("memory");
+        let bytes = 64 * PAGE_SIZE as u64;
+        let mem = GuestMemory::create_file(&path, bytes).unwrap();
+        assert_eq!(mem.pages(), 64);
+        assert!(mem.fd() >= 0);
+        assert!(is_zero(mem.pages_slice(0, 64)));
+        mem.write_page(9, &[0x5a; PAGE_SIZE]);
+        mem.write_byte(63 * PAGE_SIZE as u64 + 4095, 0xee);
+        mem.prefault().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        // A second create of the same path is refused, and leaves the first file alone.
+        match GuestMemory::create_file(&path, bytes) {
+            Err(MemoryError::FileCreate { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::AlreadyExists)
+            }
+            other => panic!("expected FileCreate, got {other:?}"),
+        }
+        drop(mem);
+
+        let again = GuestMemory::open_file(&path, bytes).unwrap();
+        assert_eq!(again.page(9), &[0x5a; PAGE_SIZE][..]);
+        assert_eq!(again.read_byte(63 * PAGE_SIZE as u64 + 4095), 0xee);
+        assert!(is_zero(again.page(10)));
+        again.prefault().unwrap();
+        // Shared: a write through one mapping shows in another.
+        let other = GuestMemory::open_file(&path, bytes).unwrap();
+        again.write_byte(5, 7);
+        assert_eq!(other.read_byte(5), 7);
+    }
+
+    #[test]
+    fn opening_a_wrong_or_missing_file_is_a_clear_error() {
+        let dir = shm_dir();
+        let path = dir.path().join("memory");
+        let bytes = 16 * PAGE_SIZE as u64;
+        match GuestMemory::open_file(&path, bytes) {
+            Err(e @ MemoryError::FileOpen { .. }) => {
+                assert!(e.to_string().contains("memory"), "{e}");
+            }
+            other => panic!("expected FileOpen, got {other:?}"),
+        }
+        drop(GuestMemory::create_file(&path, bytes).unwrap());
+        for (wanted, what) in [(bytes * 2, "longer"), (bytes / 2, "shorter")] {
+            match GuestMemory::open_file(&path, wanted) {
+                Err(e @ MemoryError::FileSize { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains(&format!("is {bytes} bytes, expected {wanted}")),
+                        "{what}: {text}"
+                    );
+                }
+                other => panic!("{what}: expected FileSize, got {other:?}"),
+            }
+        }
+        // A file cut short (say by a crash of whatever wrote it) is refused, not mapped
+        // (touching the missing tail would raise SIGBUS).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(bytes - 1)
+            .unwrap();
+        assert!(matches!(
+            GuestMemory::open_file(&path, bytes),
+            Err(MemoryError::FileSize { found, .. }) if found == bytes - 1
+        ));
+        assert!(matches!(
+            GuestMemory::open_file(dir.path(), bytes),
+            Err(MemoryError::FileOpen { .. } | MemoryError::NotRegularFile { .. })
+        ));
+        assert!(matches!(
+            GuestMemory::create_file(&dir.path().join("odd"), 4097),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(!dir.path().join("odd").exists());
+    }
+
+    /// Userfaultfd write-protection tracks a tmpfs file mapping exactly as it tracks a
+    /// memfd: the same writes give the same dirty pages, for populated and unpopulated
+    /// pages, and for a file mapped a second time by a later "process".
+    #[test]
+    fn write_tracking_on_a_tmpfs_file_matches_a_memfd() {
+        use crate::memory::tracker::{kernel_supports_wp_async, DirtyTracker, UffdWpTracker};
+        use std::sync::Arc;
+
+        if let Err(e) = kernel_supports_wp_async() {
+            if std::env::var_os("FERRY_REQUIRE_UFFD").is_some() {
+                panic!("write_tracking_on_a_tmpfs_file_matches_a_memfd: FERRY_REQUIRE_UFFD is set but {e}");
+            }
+            eprintln!("SKIPPED write_tracking_on_a_tmpfs_file_matches_a_memfd: {e}");
+            return;
+        }
+        let dir = shm_dir();
+        let bytes = 4u64 << 20;
+        let path = dir.path().join("memory");
+        // The file is first written by one mapping, then tracked through a second one, as a
+        // recovered VM's memory is.
+        let first = GuestMemory::create_file(&path, bytes).unwrap();
+        first.write_page(3, &[1; PAGE_SIZE]);
+        drop(first);
+        let memories = [
+            (
+                "memfd",
+                Arc::new(GuestMemory::new("wp-memfd", bytes).unwrap()),
+            ),
+            (
+                "file",
+                Arc::new(GuestMemory::open_file(&path, bytes).unwrap()),
+            ),
+        ];
+        let mut seen = Vec::new();
+        for (kind, memory) in memories {
+            let last = memory.pages() - 1;
+            memory.write_page(5, &[1; PAGE_SIZE]);
+            let mut tracker = UffdWpTracker::new(memory.clone()).unwrap();
+            tracker.start().unwrap();
+            assert!(tracker.collect().unwrap().is_empty(), "{kind}");
+            // Populated (3 for the file, 5) and never touched pages alike.
+            for page in [0, 3, 5, 6, 700] {
+                memory.write_page(page, &[2; PAGE_SIZE]);
+            }
+            memory.write_byte(7 * PAGE_SIZE as u64 + 4095, 9);
+            memory.write_byte(last as u64 * PAGE_SIZE as u64, 9);
+            // A read is not a write.
+            assert_eq!(memory.read_byte(100 * PAGE_SIZE as u64), 0);
+            let first_round: Vec<usize> = tracker.collect().unwrap().iter().collect();
+            assert_eq!(first_round, vec![0, 3, 5, 6, 7, 700, last], "{kind}");
+            assert!(tracker.collect().unwrap().is_empty(), "{kind}");
+            // Re-armed: one more write is seen, and only it.
+            memory.write_byte(5 * PAGE_SIZE as u64 + 17, 3);
+            memory.write_byte(100 * PAGE_SIZE as u64, 3);
+            let second_round: Vec<usize> = tracker.collect().unwrap().iter().collect();
+            assert_eq!(second_round, vec![5, 100], "{kind}");
+            seen.push((first_round, second_round));
+        }
+        assert_eq!(seen[0], seen[1]);
     }
 
     #[test]

@@ -112,6 +112,20 @@ impl SourceTransport for TcpSource {
             })?;
         let mut socket = socket.lock().map_err(|_| TransportError::Shutdown)?;
         let headers: Vec<[u8; FRAME_HEADER_LEN]> = frames.iter().map(Frame::encode).collect();
+        // Fault injection: the first page frame of this batch goes out with a byte flipped
+        // in a copy of its payload (guest memory and the source's hashes stay right).
+        #[cfg(feature = "failpoints")]
+        let corrupted = frames
+            .iter()
+            .find_map(|f| match *f {
+                Frame::Pages { first, count, .. } => Some((first, count)),
+                _ => None,
+            })
+            .filter(|_| crate::failpoint::take_corruption())
+            .map(|(first, count)| {
+                let payload = memory.pages_slice(first as usize, count as usize);
+                (first, crate::failpoint::corrupted_copy(payload))
+            });
         let mut total = 0u64;
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOVECS_PER_WRITE);
         for (frame, header) in frames.iter().zip(&headers) {
@@ -125,9 +139,13 @@ impl SourceTransport for TcpSource {
             }
             iov.push(IoSlice::new(header));
             if let Frame::Pages { first, count, .. } = *frame {
-                iov.push(IoSlice::new(
-                    memory.pages_slice(first as usize, count as usize),
-                ));
+                let payload = memory.pages_slice(first as usize, count as usize);
+                #[cfg(feature = "failpoints")]
+                let payload = match &corrupted {
+                    Some((at, copy)) if *at == first => copy.as_slice(),
+                    _ => payload,
+                };
+                iov.push(IoSlice::new(payload));
             }
         }
         total += write_all_vectored(&mut socket, &mut iov, stream)?;

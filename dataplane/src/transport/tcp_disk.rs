@@ -129,6 +129,13 @@ impl TcpDiskSource {
     }
 
     fn send(&self, lane: usize, frame: DiskFrame, payload: &[u8]) -> Result<u32, TransportError> {
+        // Fault injection: a request with a payload goes out with a byte flipped in a copy
+        // of it (the source hashed the real bytes already).
+        #[cfg(feature = "failpoints")]
+        let corrupted = (!payload.is_empty() && crate::failpoint::take_corruption())
+            .then(|| crate::failpoint::corrupted_copy(payload));
+        #[cfg(feature = "failpoints")]
+        let payload = corrupted.as_deref().unwrap_or(payload);
         let stream = self.stream_base + lane;
         let mut socket = self.lanes[lane]
             .lock()

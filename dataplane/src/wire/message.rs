@@ -63,7 +63,15 @@ fn seal(payload: &[u8]) -> Vec<u8> {
 
 /// Writes one message and flushes it.
 pub fn write_message<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), WireError> {
-    let buf = encode_message(msg)?;
+    #[cfg_attr(not(feature = "failpoints"), allow(unused_mut))]
+    let mut buf = encode_message(msg)?;
+    // Fault injection: the last byte flipped, so the receiver's payload checksum fails.
+    #[cfg(feature = "failpoints")]
+    if crate::failpoint::take_control_corruption() {
+        if let Some(last) = buf.last_mut() {
+            *last ^= 0xff;
+        }
+    }
     w.write_all(&buf).map_err(|source| WireError::Io {
         op: "writing a message",
         source,

@@ -16,6 +16,7 @@ use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::UffdWpTracker;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::transport::rdma::link::UnauthenticatedLanes;
 use ferry_dataplane::transport::rdma::memory::RdmaSource;
 use ferry_dataplane::transport::rdma::session::{
     connect_outgoing, IncomingRdma, IncomingTransports,
@@ -90,15 +91,23 @@ fn rdma_pair(
     let deadline = Instant::now() + Duration::from_secs(30);
     let sizes: Option<Vec<u64>> = disks.then(|| vm.disks().iter().map(|d| d.size()).collect());
     std::thread::scope(|s| {
-        let accept = s
-            .spawn(|| listening.accept(session, streams, disks, deadline, &AtomicBool::new(false)));
+        let accept = s.spawn(|| {
+            listening.accept(
+                session,
+                streams,
+                disks,
+                &UnauthenticatedLanes,
+                deadline,
+                &AtomicBool::new(false),
+            )
+        });
         let out = connect_outgoing(
-            a,
-            std::net::SocketAddr::new(b, port),
+            (a, std::net::SocketAddr::new(b, port)),
             session,
             streams,
             sizes,
             Arc::clone(vm.memory()),
+            &UnauthenticatedLanes,
             deadline,
         )
         .unwrap();
@@ -295,6 +304,7 @@ pub fn migrate_with(
                 fresh_disks: true,
                 start_paused: params.start_paused,
                 cancel: &destination_cancel,
+                journal: &ferry_dataplane::engine::barrier::VolatileJournal,
             })
         });
         let traced = if has_disks {
@@ -315,6 +325,7 @@ pub fn migrate_with(
                     started: Instant::now(),
                     prefault_ms: incoming.prefault_ms(),
                     cancel,
+                    journal: &ferry_dataplane::engine::barrier::VolatileJournal,
                 },
                 &mut *on_progress,
             )

@@ -14,7 +14,7 @@ use super::disk_program::DiskProgram;
 use super::disk_spec::DISK_WRITE_BYTES;
 use super::program::{Lane, VcpuRegs};
 use super::vcpu::{lock, Pace, Step, Vcpus};
-use crate::disk::{AlignedBuf, VirtualDisk};
+use crate::disk::{AlignedBuf, DiskError, VirtualDisk};
 
 /// Pause before a failed disk write is retried (cut into slices that honour a park).
 const WRITE_RETRY_NAP: Duration = Duration::from_millis(10);
@@ -27,10 +27,9 @@ pub struct DiskLanes {
     pub program: DiskProgram,
     pub disk: Arc<VirtualDisk>,
     pub pace: Pace,
-    /// Register files of the disk lanes; exact while the worker is parked or exited.
+    /// Register files of the disk lanes; exact while the worker is parked or exited. (Their
+    /// step counters are published in the VM's registers, after the memory lanes'.)
     regs: Box<[Mutex<VcpuRegs>]>,
-    /// Step counters, published after each committed step.
-    steps: Box<[AtomicU64]>,
     /// Failed guest disk writes, over all lanes.
     write_errors: AtomicU64,
 }
@@ -41,13 +40,11 @@ impl DiskLanes {
         let regs: Vec<_> = (0..program.vcpus)
             .map(|v| Mutex::new(program.lane(v).initial_regs()))
             .collect();
-        let steps: Vec<_> = (0..program.vcpus).map(|_| AtomicU64::new(0)).collect();
         Self {
             program,
             disk,
             pace,
             regs: regs.into_boxed_slice(),
-            steps: steps.into_boxed_slice(),
             write_errors: AtomicU64::new(0),
         }
     }
@@ -61,20 +58,13 @@ impl DiskLanes {
         self.regs.iter().map(|r| *lock(r)).collect()
     }
 
-    /// Replaces every register file and step counter (the guest is quiesced).
+    /// Replaces every register file (the guest is quiesced; the caller publishes the step
+    /// counters).
     pub fn load_regs(&self, regs: &[VcpuRegs]) {
         assert_eq!(regs.len(), self.regs.len());
-        for ((slot, counter), new) in self.regs.iter().zip(self.steps.iter()).zip(regs) {
+        for (slot, new) in self.regs.iter().zip(regs) {
             *lock(slot) = *new;
-            counter.store(new.steps, Ordering::Release);
         }
-    }
-
-    pub fn steps(&self) -> Vec<u64> {
-        self.steps
-            .iter()
-            .map(|s| s.load(Ordering::Acquire))
-            .collect()
     }
 
     pub fn write_errors(&self) -> u64 {
@@ -105,20 +95,15 @@ impl Step for DiskStep<'_> {
     const THROTTLED: bool = false;
 
     fn step(&mut self, vcpus: &Vcpus, regs: &mut VcpuRegs) {
-        let mut next = *regs;
-        let (index, version) = self.lane.advance(&mut next);
-        let unit = self.lane.item_of(index);
-        self.lanes.program.fill_unit(unit, version, &mut self.buf);
-        match self
-            .lanes
-            .disk
-            .write_at(DiskProgram::unit_offset(unit), &self.buf)
-        {
-            Ok(()) => {
-                *regs = next;
-                self.lanes.steps[self.lane.vcpu() as usize].store(regs.steps, Ordering::Release);
-            }
-            Err(error) => {
+        match disk_step(
+            &self.lanes.program,
+            &self.lane,
+            &self.lanes.disk,
+            regs,
+            &mut self.buf,
+        ) {
+            Ok(()) => vcpus.registers.publish_disk(self.lane.vcpu(), regs.steps),
+            Err((unit, error)) => {
                 let failed = self.lanes.write_errors.fetch_add(1, Ordering::Relaxed) + 1;
                 if failed == 1 || failed.is_multiple_of(WRITE_ERRORS_LOGGED_EVERY) {
                     tracing::warn!(
@@ -135,9 +120,30 @@ impl Step for DiskStep<'_> {
     }
 }
 
+/// One step of a disk lane: writes the whole unit the next step picks and, only once the
+/// write has returned Ok, advances `regs`. On failure `regs` is unchanged and the unit is
+/// returned with the error. Shared by the workers and by recovery, which completes a step a
+/// killed worker may have left torn.
+pub(super) fn disk_step(
+    program: &DiskProgram,
+    lane: &Lane,
+    disk: &VirtualDisk,
+    regs: &mut VcpuRegs,
+    buf: &mut AlignedBuf,
+) -> Result<(), (u64, DiskError)> {
+    let mut next = *regs;
+    let (index, version) = lane.advance(&mut next);
+    let unit = lane.item_of(index);
+    program.fill_unit(unit, version, buf);
+    disk.write_at(DiskProgram::unit_offset(unit), buf)
+        .map_err(|error| (unit, error))?;
+    *regs = next;
+    Ok(())
+}
+
 /// `error` and its sources, joined with ": " (the Display of our errors leaves the source
 /// out).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {

@@ -14,8 +14,13 @@
 //! source:      boot ─▶ running ─▶ quiesce ─▶ save_state ─▶ (shutdown after switch-over)
 //! destination: incoming (parked, memory pre-faulted) ─▶ receive memory (and disk) ─▶ load_state ─▶ resume
 //! ```
+//!
+//! A *persistent* VM ([`ReferenceVm::boot_persistent`], [`ReferenceVm::incoming_persistent`])
+//! keeps its memory, spec and step counters in files of one directory, so that after its
+//! process is killed another process can [`ReferenceVm::recover`] it ([`persist`]).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -25,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use self::disk_io::DiskLanes;
 use self::disk_program::DiskProgram;
 use self::program::Program;
+use self::registers::Registers;
 use self::vcpu::{lock, Desired, Pace, Vcpus};
 use super::{Guest, GuestError};
 use crate::disk::VirtualDisk;
@@ -35,7 +41,9 @@ mod disk_io;
 pub mod disk_program;
 mod disk_spec;
 mod disk_verify;
+pub mod persist;
 pub mod program;
+mod registers;
 pub mod state;
 mod vcpu;
 mod verify;
@@ -44,6 +52,10 @@ mod verify;
 mod tests;
 #[cfg(test)]
 mod tests_disk;
+#[cfg(test)]
+mod tests_persist;
+#[cfg(test)]
+mod tests_sigkill;
 
 pub use disk_spec::{
     DiskPattern, DiskSpec, ParseDiskPatternError, DISK_BYTES_MAX, DISK_BYTES_MIN,
@@ -287,6 +299,8 @@ pub struct ReferenceVm {
     /// transition.
     lifecycle: Mutex<()>,
     prefault_ms: f64,
+    /// The directory of a persistent VM's files (see [`persist`]); None for a memfd VM.
+    files_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for ReferenceVm {
@@ -320,13 +334,9 @@ impl ReferenceVm {
         spec.validate()?;
         check_disk(&spec, disk.as_deref())?;
         let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
-        verify::write_boot_content(&spec.program(), &memory);
-        if let (Some(program), Some(disk)) = (spec.disk_program(), &disk) {
-            let start = std::time::Instant::now();
-            disk_verify::write_boot_content(&program, disk)?;
-            tracing::debug!(name = %spec.name, disk_fill_ms = start.elapsed().as_secs_f64() * 1e3, "disk boot content written");
-        }
-        let vm = Self::start(spec, memory, disk, Desired::Run, 0.0)?;
+        let registers = Registers::anonymous(&spec)?;
+        write_boot_content(&spec, &memory, disk.as_deref())?;
+        let vm = Self::start(spec, memory, disk, Desired::Run, 0.0, registers, None)?;
         tracing::info!(name = %vm.spec.name, "reference VM booted");
         Ok(vm)
     }
@@ -341,6 +351,7 @@ impl ReferenceVm {
         spec.validate()?;
         check_disk(&spec, disk.as_deref())?;
         let memory = Arc::new(GuestMemory::new(&spec.name, spec.memory_bytes)?);
+        let registers = Registers::anonymous(&spec)?;
         let prefault = memory.prefault()?;
         let vm = Self::start(
             spec,
@@ -348,17 +359,23 @@ impl ReferenceVm {
             disk,
             Desired::Park,
             prefault.as_secs_f64() * 1e3,
+            registers,
+            None,
         )?;
         tracing::info!(name = %vm.spec.name, prefault_ms = vm.prefault_ms, "reference VM ready for incoming migration");
         Ok(vm)
     }
 
+    /// Starts the vCPU threads over `memory` and `disk`, publishing step counters in
+    /// `registers` (whose lane counts match the spec).
     fn start(
         spec: VmSpec,
         memory: Arc<GuestMemory>,
         disk: Option<Arc<VirtualDisk>>,
         desired: Desired,
         prefault_ms: f64,
+        registers: Registers,
+        files_dir: Option<PathBuf>,
     ) -> Result<Self, GuestError> {
         let pace = Pace::from_rate(spec.dirty_rate_bytes_per_s, spec.vcpus, PAGE_SIZE as u64);
         // `check_disk` has paired the disk with the spec's.
@@ -380,6 +397,7 @@ impl ReferenceVm {
             pace,
             disk_lanes,
             desired,
+            registers,
         ));
         let threads = vcpus.spawn()?;
         let vm = Self {
@@ -391,6 +409,7 @@ impl ReferenceVm {
             threads: Mutex::new(threads),
             lifecycle: Mutex::new(()),
             prefault_ms,
+            files_dir,
         };
         if desired == Desired::Park {
             // Return only once every thread sits parked, so the VM is quiesced (and
@@ -422,10 +441,8 @@ impl ReferenceVm {
 
     pub fn status(&self) -> VmStatus {
         let steps = self.vcpus.steps();
-        let (disk_steps, disk_write_errors) = match &self.vcpus.disk {
-            Some(disk) => (disk.steps(), disk.write_errors()),
-            None => (Vec::new(), 0),
-        };
+        let disk_steps = self.vcpus.disk_steps();
+        let disk_write_errors = self.vcpus.disk.as_ref().map_or(0, DiskLanes::write_errors);
         VmStatus {
             running: self.vcpus.desired() == Desired::Run,
             total_steps: steps.iter().sum(),
@@ -538,7 +555,16 @@ impl Guest for ReferenceVm {
         state::check_compatible(&self.spec, &state)?;
         let regs: Vec<_> = state.vcpus.iter().copied().map(Into::into).collect();
         let disk_regs: Vec<_> = state.disk_queues.iter().copied().map(Into::into).collect();
+        // A persistent VM killed half way through must not recover a mix of old and new
+        // counters: they are invalid while they change, and valid (parked: no step in
+        // flight) once all of them and the NIC are written.
+        let registers = &self.vcpus.registers;
+        registers.mark_invalid();
         self.vcpus.load_regs(&regs, &disk_regs);
+        registers
+            .set_nic(&state.nic)
+            .map_err(persist::into_guest_error)?;
+        registers.mark_loaded();
         *lock(&self.nic) = state.nic;
         Ok(())
     }
@@ -548,6 +574,21 @@ impl Guest for ReferenceVm {
     fn set_throttle(&self, percent: u8) {
         self.vcpus.set_throttle(percent);
     }
+}
+
+/// Writes the boot content (version 0) into every filled page and every filled disk extent.
+fn write_boot_content(
+    spec: &VmSpec,
+    memory: &GuestMemory,
+    disk: Option<&VirtualDisk>,
+) -> Result<(), GuestError> {
+    verify::write_boot_content(&spec.program(), memory);
+    if let (Some(program), Some(disk)) = (spec.disk_program(), disk) {
+        let start = std::time::Instant::now();
+        disk_verify::write_boot_content(&program, disk)?;
+        tracing::debug!(name = %spec.name, disk_fill_ms = start.elapsed().as_secs_f64() * 1e3, "disk boot content written");
+    }
+    Ok(())
 }
 
 /// Checks that `disk` is given exactly when `spec` has a disk, and is of its size.

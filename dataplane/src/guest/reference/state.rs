@@ -1,6 +1,7 @@
 //! Persisted device state of the reference VM, kept apart from the runtime structs.
 //!
-//! A blob is a fixed 24-byte container header followed by a postcard payload:
+//! A blob is a fixed 24-byte container header followed by a postcard payload (the same
+//! container holds a persistent VM's spec file, with its own magic: see `persist`):
 //!
 //! ```text
 //! 0          8         10         12              16                 24
@@ -107,72 +108,14 @@ fn bad(reason: impl Into<String>) -> GuestError {
 pub fn encode(state: &VmState) -> Result<Vec<u8>, GuestError> {
     let payload = postcard::to_stdvec(state)
         .map_err(|e| bad(format!("encoding the device state failed: {e}")))?;
-    let payload_bytes = u32::try_from(payload.len())
-        .ok()
-        .filter(|&n| n <= STATE_PAYLOAD_BYTES_MAX)
-        .ok_or_else(|| {
-            bad(format!(
-                "device state of {} bytes is too large",
-                payload.len()
-            ))
-        })?;
-    let header = StateHeader {
-        magic: STATE_MAGIC,
-        version: U16::new(STATE_FORMAT_VERSION),
-        reserved: U16::ZERO,
-        payload_bytes: U32::new(payload_bytes),
-        payload_xxh3: U64::new(xxh3_64(&payload)),
-    };
-    let mut blob = Vec::with_capacity(STATE_HEADER_LEN + payload.len());
-    blob.extend_from_slice(header.as_bytes());
-    blob.extend_from_slice(&payload);
-    Ok(blob)
+    seal(STATE_MAGIC, STATE_FORMAT_VERSION, &payload)
+        .map_err(|reason| bad(format!("device state of {} bytes: {reason}", payload.len())))
 }
 
 /// Decodes a blob, checking the container and that the payload is self-consistent. Does
 /// not check it against a particular VM: see [`check_compatible`].
 pub fn decode(blob: &[u8]) -> Result<VmState, GuestError> {
-    let (header, payload) = StateHeader::read_from_prefix(blob).map_err(|_| {
-        bad(format!(
-            "blob of {} bytes is shorter than the {STATE_HEADER_LEN}-byte header",
-            blob.len()
-        ))
-    })?;
-    if header.magic != STATE_MAGIC {
-        return Err(bad(format!(
-            "bad magic {:02x?}, expected {:?}",
-            header.magic,
-            String::from_utf8_lossy(&STATE_MAGIC)
-        )));
-    }
-    if header.version.get() != STATE_FORMAT_VERSION {
-        return Err(bad(format!(
-            "format version {} is not supported (this build reads version {STATE_FORMAT_VERSION})",
-            header.version.get()
-        )));
-    }
-    if header.reserved.get() != 0 {
-        return Err(bad("reserved header field is not zero"));
-    }
-    let payload_bytes = header.payload_bytes.get();
-    if payload_bytes > STATE_PAYLOAD_BYTES_MAX {
-        return Err(bad(format!(
-            "payload length {payload_bytes} exceeds the limit of {STATE_PAYLOAD_BYTES_MAX} bytes"
-        )));
-    }
-    if payload.len() != payload_bytes as usize {
-        return Err(bad(format!(
-            "header says {payload_bytes} payload bytes but the blob carries {}",
-            payload.len()
-        )));
-    }
-    let checksum = xxh3_64(payload);
-    if checksum != header.payload_xxh3.get() {
-        return Err(bad(format!(
-            "payload checksum {checksum:#018x} does not match the header's {:#018x}",
-            header.payload_xxh3.get()
-        )));
-    }
+    let payload = unseal(blob, STATE_MAGIC, STATE_FORMAT_VERSION).map_err(bad)?;
     let (state, rest): (VmState, _) = postcard::take_from_bytes(payload)
         .map_err(|e| bad(format!("payload does not decode: {e}")))?;
     if !rest.is_empty() {
@@ -183,6 +126,74 @@ pub fn decode(blob: &[u8]) -> Result<VmState, GuestError> {
     }
     check_consistent(&state)?;
     Ok(state)
+}
+
+/// Wraps `payload` in the container (header with `magic`, `version`, length and checksum).
+/// Also used for the spec file of a persistent VM (`persist`). Fails only for a payload
+/// over [`STATE_PAYLOAD_BYTES_MAX`].
+pub(super) fn seal(magic: [u8; 8], version: u16, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let payload_bytes = u32::try_from(payload.len())
+        .ok()
+        .filter(|&n| n <= STATE_PAYLOAD_BYTES_MAX)
+        .ok_or_else(|| format!("too large (limit {STATE_PAYLOAD_BYTES_MAX} bytes)"))?;
+    let header = StateHeader {
+        magic,
+        version: U16::new(version),
+        reserved: U16::ZERO,
+        payload_bytes: U32::new(payload_bytes),
+        payload_xxh3: U64::new(xxh3_64(payload)),
+    };
+    let mut blob = Vec::with_capacity(STATE_HEADER_LEN + payload.len());
+    blob.extend_from_slice(header.as_bytes());
+    blob.extend_from_slice(payload);
+    Ok(blob)
+}
+
+/// Checks the container of `blob` (magic, version, length, checksum) and returns its
+/// payload, or the reason it is refused. Never panics.
+pub(super) fn unseal(blob: &[u8], magic: [u8; 8], version: u16) -> Result<&[u8], String> {
+    let (header, payload) = StateHeader::read_from_prefix(blob).map_err(|_| {
+        format!(
+            "blob of {} bytes is shorter than the {STATE_HEADER_LEN}-byte header",
+            blob.len()
+        )
+    })?;
+    if header.magic != magic {
+        return Err(format!(
+            "bad magic {:02x?}, expected {:?}",
+            header.magic,
+            String::from_utf8_lossy(&magic)
+        ));
+    }
+    if header.version.get() != version {
+        return Err(format!(
+            "format version {} is not supported (this build reads version {version})",
+            header.version.get()
+        ));
+    }
+    if header.reserved.get() != 0 {
+        return Err("reserved header field is not zero".into());
+    }
+    let payload_bytes = header.payload_bytes.get();
+    if payload_bytes > STATE_PAYLOAD_BYTES_MAX {
+        return Err(format!(
+            "payload length {payload_bytes} exceeds the limit of {STATE_PAYLOAD_BYTES_MAX} bytes"
+        ));
+    }
+    if payload.len() != payload_bytes as usize {
+        return Err(format!(
+            "header says {payload_bytes} payload bytes but the blob carries {}",
+            payload.len()
+        ));
+    }
+    let checksum = xxh3_64(payload);
+    if checksum != header.payload_xxh3.get() {
+        return Err(format!(
+            "payload checksum {checksum:#018x} does not match the header's {:#018x}",
+            header.payload_xxh3.get()
+        ));
+    }
+    Ok(payload)
 }
 
 /// Checks what a valid state always satisfies, whatever VM it is loaded into.

@@ -19,16 +19,19 @@
 //! A running worker keeps its register file in a local copy and writes it back to its slot
 //! (in [`Vcpus::regs`] or the disk lanes' registers) before it counts itself parked, so once
 //! `quiesce` has seen every worker parked the register files are exact and stay so until
-//! `resume`. Step counters are also published in atomics after each step, for status while
-//! running.
+//! `resume`. Step counters are also published after each step, in the VM's [`Registers`]:
+//! for status while running, and (in the registers file of a persistent VM) so that the VM
+//! can be recovered after its process dies. A step writes its page or unit first and
+//! publishes its counter after, so a published count is always a completed step.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::disk_io::{DiskLanes, DiskStep};
 use super::program::{fill_content, Lane, Program, VcpuRegs, STEPS_MAX};
+use super::registers::Registers;
 use crate::guest::GuestError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
 
@@ -112,12 +115,31 @@ impl Step for MemoryStep {
 
     #[inline]
     fn step(&mut self, vcpus: &Vcpus, regs: &mut VcpuRegs) {
-        let (index, version) = self.lane.advance(regs);
-        let page = self.lane.item_of(index);
-        fill_content(vcpus.program.seed, page, version, &mut self.buf);
-        vcpus.memory.write_page(page as usize, &self.buf);
-        vcpus.steps[self.lane.vcpu() as usize].store(regs.steps, Ordering::Release);
+        memory_step(
+            vcpus.program.seed,
+            &self.lane,
+            &vcpus.memory,
+            regs,
+            &mut self.buf,
+        );
+        vcpus.registers.publish_memory(self.lane.vcpu(), regs.steps);
     }
+}
+
+/// One step of a memory lane: advances `regs` and writes the whole page it picks. Shared by
+/// the workers and by recovery, which completes a step a killed worker may have left torn.
+#[inline]
+pub(super) fn memory_step(
+    seed: u64,
+    lane: &Lane,
+    memory: &GuestMemory,
+    regs: &mut VcpuRegs,
+    buf: &mut [u8; PAGE_SIZE],
+) {
+    let (index, version) = lane.advance(regs);
+    let page = lane.item_of(index);
+    fill_content(seed, page, version, buf);
+    memory.write_page(page as usize, buf);
 }
 
 /// State shared by the vCPU threads and the VM handle.
@@ -136,8 +158,9 @@ pub struct Vcpus {
     park_requested: AtomicBool,
     /// Register files; exact while the vCPU is parked or exited.
     regs: Box<[Mutex<VcpuRegs>]>,
-    /// Step counters, published after each step.
-    steps: Box<[AtomicU64]>,
+    /// Step counters of every lane, published after each step, and whether they are exact
+    /// (parked) or may lag a step in flight (running).
+    pub registers: Registers,
     throttle_percent: AtomicU8,
 }
 
@@ -150,20 +173,27 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Vcpus {
+    /// The register files start at the lanes' initial registers; `registers` is left as
+    /// it is (the caller loads matching register files when its counters are not zero).
     pub fn new(
         program: Program,
         memory: Arc<GuestMemory>,
         pace: Pace,
         disk: Option<DiskLanes>,
         desired: Desired,
+        registers: Registers,
     ) -> Self {
         if let Some(disk) = &disk {
             assert_eq!(disk.program.vcpus, program.vcpus);
         }
+        assert_eq!(registers.memory_lanes(), program.vcpus);
+        assert_eq!(
+            registers.disk_lanes(),
+            if disk.is_some() { program.vcpus } else { 0 }
+        );
         let regs: Vec<_> = (0..program.vcpus)
             .map(|v| Mutex::new(program.lane(v).initial_regs()))
             .collect();
-        let steps: Vec<_> = (0..program.vcpus).map(|_| AtomicU64::new(0)).collect();
         Self {
             program,
             memory,
@@ -178,7 +208,7 @@ impl Vcpus {
             parked_changed: Condvar::new(),
             park_requested: AtomicBool::new(desired != Desired::Run),
             regs: regs.into_boxed_slice(),
-            steps: steps.into_boxed_slice(),
+            registers,
             throttle_percent: AtomicU8::new(0),
         }
     }
@@ -230,10 +260,17 @@ impl Vcpus {
             .store(percent.min(THROTTLE_PERCENT_MAX), Ordering::Relaxed);
     }
 
+    /// Steps taken, per memory lane.
     pub fn steps(&self) -> Vec<u64> {
-        self.steps
-            .iter()
-            .map(|s| s.load(Ordering::Acquire))
+        (0..self.program.vcpus)
+            .map(|v| self.registers.memory_steps(v))
+            .collect()
+    }
+
+    /// Disk writes completed, per disk lane (empty without a disk).
+    pub fn disk_steps(&self) -> Vec<u64> {
+        (0..self.registers.disk_lanes())
+            .map(|v| self.registers.disk_steps(v))
             .collect()
     }
 
@@ -265,6 +302,8 @@ impl Vcpus {
                 ),
             });
         }
+        // Every worker published its last step before it counted itself parked.
+        self.registers.mark_parked();
         Ok(())
     }
 
@@ -283,6 +322,8 @@ impl Vcpus {
             }),
             Desired::Run => Ok(()),
             Desired::Park => {
+                // Before any worker can take a step: from here a step may be in flight.
+                self.registers.mark_running();
                 control.desired = Desired::Run;
                 self.park_requested.store(false, Ordering::Release);
                 self.wake.notify_all();
@@ -299,10 +340,17 @@ impl Vcpus {
             self.park_requested.store(true, Ordering::Release);
             self.wake.notify_all();
         }
+        let mut all_clean = true;
         for handle in handles {
             if handle.join().is_err() {
+                all_clean = false;
                 tracing::error!("a vCPU thread panicked");
             }
+        }
+        // Every worker published its last step before it exited; a worker that panicked may
+        // have left a step half done, which recovery completes only while "running".
+        if all_clean && lock(&self.control).exited == self.workers() {
+            self.registers.mark_parked();
         }
     }
 
@@ -321,12 +369,17 @@ impl Vcpus {
     /// `disk_regs` one per disk lane.
     pub fn load_regs(&self, regs: &[VcpuRegs], disk_regs: &[VcpuRegs]) {
         assert_eq!(regs.len(), self.regs.len());
-        for ((slot, counter), new) in self.regs.iter().zip(self.steps.iter()).zip(regs) {
+        for ((v, slot), new) in (0..).zip(self.regs.iter()).zip(regs) {
             *lock(slot) = *new;
-            counter.store(new.steps, Ordering::Release);
+            self.registers.publish_memory(v, new.steps);
         }
         match &self.disk {
-            Some(disk) => disk.load_regs(disk_regs),
+            Some(disk) => {
+                disk.load_regs(disk_regs);
+                for (v, new) in (0..).zip(disk_regs) {
+                    self.registers.publish_disk(v, new.steps);
+                }
+            }
             None => assert!(disk_regs.is_empty(), "disk registers for a VM without disk"),
         }
     }

@@ -1193,6 +1193,7 @@ mod tests {
     use super::*;
     use crate::disk::{AlignedBuf, DirectIo, DiskImage};
     use crate::memory::{page_hash, MemoryDigest, ZERO_PAGE_HASH};
+    use crate::transport::rdma::link::UnauthenticatedLanes;
     use crate::transport::rdma::link::{connect, Listener};
     use crate::transport::rdma::test_addresses;
     use crate::wire::WireError;
@@ -1237,12 +1238,20 @@ mod tests {
                     session,
                     &caps,
                     |_| Vec::new(),
+                    &UnauthenticatedLanes,
                     deadline,
                     &AtomicBool::new(false),
                 )
             });
-            let (link, _) =
-                connect(Some(a), SocketAddr::new(b, port), session, &caps, deadline).unwrap();
+            let (link, _) = connect(
+                Some(a),
+                SocketAddr::new(b, port),
+                session,
+                &caps,
+                &UnauthenticatedLanes,
+                deadline,
+            )
+            .unwrap();
             (link, accept.join().unwrap().unwrap())
         });
         let source = RdmaDiskSource::new(Arc::new(source_link), 0, 1, vec![SIZE], 4).unwrap();

@@ -28,18 +28,42 @@ use super::RdmaError;
 
 /// "FRYR": ferry RDMA lane.
 const CONNECT_MAGIC: u32 = 0x5259_5246;
-const LINK_VERSION: u16 = 1;
-const REQUEST_LEN: usize = 16;
+const LINK_VERSION: u16 = 2;
+const REQUEST_LEN: usize = 16 + LANE_TAG_LEN;
+/// Bytes of a lane's authentication tag.
+pub const LANE_TAG_LEN: usize = 16;
 /// Address and route resolution, each.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the monitor looks at its stop flag.
 const MONITOR_SLICE: Duration = Duration::from_millis(100);
 
-/// What a connect request says: which lane of which migration.
+/// Proves a lane belongs to the authenticated migration: the control connection's
+/// handshake gives both agents a session key; each lane's connect carries a tag made with it
+/// (the listener refuses a lane whose tag does not verify). RDMA connects carry private data
+/// instead of a byte stream, so this replaces the TCP challenge-response there.
+pub trait LaneAuth: Send + Sync {
+    fn tag(&self, session: u64, lane: u16) -> [u8; LANE_TAG_LEN];
+    fn verify(&self, session: u64, lane: u16, tag: &[u8; LANE_TAG_LEN]) -> bool;
+}
+
+/// For tests of the lanes themselves: every tag is zero and verifies.
+pub struct UnauthenticatedLanes;
+
+impl LaneAuth for UnauthenticatedLanes {
+    fn tag(&self, _session: u64, _lane: u16) -> [u8; LANE_TAG_LEN] {
+        [0; LANE_TAG_LEN]
+    }
+    fn verify(&self, _session: u64, _lane: u16, _tag: &[u8; LANE_TAG_LEN]) -> bool {
+        true
+    }
+}
+
+/// What a connect request says: which lane of which migration, and its tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LaneRequest {
     pub session: u64,
     pub lane: u16,
+    pub tag: [u8; LANE_TAG_LEN],
 }
 
 impl LaneRequest {
@@ -49,6 +73,7 @@ impl LaneRequest {
         out[4..6].copy_from_slice(&LINK_VERSION.to_le_bytes());
         out[6..8].copy_from_slice(&self.lane.to_le_bytes());
         out[8..16].copy_from_slice(&self.session.to_le_bytes());
+        out[16..REQUEST_LEN].copy_from_slice(&self.tag);
         out
     }
 
@@ -74,6 +99,7 @@ impl LaneRequest {
         Ok(Self {
             lane: u16_at(6),
             session: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
+            tag: bytes[16..REQUEST_LEN].try_into().expect("tag bytes"),
         })
     }
 }
@@ -162,6 +188,7 @@ impl Listener {
         session: u64,
         caps: &[QpCaps],
         private: impl Fn(usize) -> Vec<u8>,
+        auth: &dyn LaneAuth,
         deadline: Instant,
         stop: &AtomicBool,
     ) -> Result<Link, RdmaError> {
@@ -194,6 +221,14 @@ impl Listener {
                             warn!(
                                 session = r.session,
                                 "RDMA lane of another migration refused"
+                            );
+                            id.reject();
+                            continue;
+                        }
+                        Ok(r) if !auth.verify(r.session, r.lane, &r.tag) => {
+                            warn!(
+                                lane = r.lane,
+                                "RDMA lane refused: its tag does not prove the migration's session key (wrong cluster key, or not from the authenticated source)"
                             );
                             id.reject();
                             continue;
@@ -263,6 +298,7 @@ pub fn connect(
     peer: SocketAddr,
     session: u64,
     caps: &[QpCaps],
+    auth: &dyn LaneAuth,
     deadline: Instant,
 ) -> Result<(Link, Vec<Vec<u8>>), RdmaError> {
     super::verbs::probe()?;
@@ -290,6 +326,7 @@ pub fn connect(
         let request = LaneRequest {
             session,
             lane: lane as u16,
+            tag: auth.tag(session, lane as u16),
         };
         let (qp, data) = qp.connect(&request.encode(), deadline)?;
         lanes.push(Arc::new(qp));

@@ -736,7 +736,7 @@ impl LaneReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::rdma::link::{connect, Listener};
+    use crate::transport::rdma::link::{connect, Listener, UnauthenticatedLanes};
     use crate::transport::rdma::test_addresses;
     use std::net::SocketAddr;
 
@@ -773,12 +773,20 @@ mod tests {
                     7,
                     &caps,
                     |_| remote.encode(),
+                    &UnauthenticatedLanes,
                     deadline,
                     &AtomicBool::new(false),
                 )
             });
-            let (link, accepted) =
-                connect(Some(a), SocketAddr::new(b, port), 7, &caps, deadline).unwrap();
+            let (link, accepted) = connect(
+                Some(a),
+                SocketAddr::new(b, port),
+                7,
+                &caps,
+                &UnauthenticatedLanes,
+                deadline,
+            )
+            .unwrap();
             let remote = RemoteMemory::decode(&accepted[0]).unwrap();
             let source = RdmaSource::new(Arc::new(link), 0..streams, src.clone(), remote).unwrap();
             (accept.join().unwrap().unwrap(), source)

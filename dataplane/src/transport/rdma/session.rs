@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::disk::{self as rdma_disk, RdmaDiskDestination, RdmaDiskSource};
-use super::link::{connect, Listener};
+use super::link::{connect, LaneAuth, Listener};
 use super::memory::{
     self as rdma_memory, register_guest_memory, RdmaCounters, RdmaDestination, RdmaSource,
     RemoteMemory,
@@ -71,6 +71,7 @@ impl IncomingRdma {
         session: u64,
         streams: usize,
         disk: bool,
+        auth: &dyn LaneAuth,
         deadline: Instant,
         stop: &AtomicBool,
     ) -> Result<IncomingTransports, RdmaError> {
@@ -86,6 +87,7 @@ impl IncomingRdma {
                     Vec::new()
                 }
             },
+            auth,
             deadline,
             stop,
         )?;
@@ -113,19 +115,20 @@ pub struct OutgoingTransports {
     pub disk_counters: Option<Arc<RdmaCounters>>,
 }
 
-/// Connects the lanes of `session` to the destination's listener at `peer`, from `local`,
-/// and registers `memory` for the device to read.
+/// Connects the lanes of `session` to the destination's listener at `route.1`, from the
+/// local address `route.0`, and registers `memory` for the device to read.
 pub fn connect_outgoing(
-    local: IpAddr,
-    peer: SocketAddr,
+    route: (IpAddr, SocketAddr),
     session: u64,
     streams: usize,
     disk_sizes: Option<Vec<u64>>,
     memory: Arc<GuestMemory>,
+    auth: &dyn LaneAuth,
     deadline: Instant,
 ) -> Result<OutgoingTransports, RdmaError> {
     let caps = lane_caps(streams, disk_sizes.is_some());
-    let (link, accepted) = connect(Some(local), peer, session, &caps, deadline)?;
+    let (local, peer) = route;
+    let (link, accepted) = connect(Some(local), peer, session, &caps, auth, deadline)?;
     let remote = RemoteMemory::decode(accepted.first().map_or(&[][..], |a| a.as_slice()))?;
     let device = link.device().to_string();
     let link = Arc::new(link);
