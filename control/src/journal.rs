@@ -416,11 +416,6 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// How long [`lock`] retries a lock that is held. A child process forked by any thread of
-/// this process shares our descriptors (and so our `flock`) until it execs and its
-/// close-on-exec copies close: a journal closed and reopened meanwhile looks locked for that
-/// instant. Another agent holds the lock for good, and is still refused after this.
-
 /// Takes the journal's exclusive `flock` (waiting a moment for a forked child to drop it).
 fn lock(file: &File, path: &Path) -> Result<(), JournalError> {
     lock_exclusive(file).map_err(|err| match err.kind() {

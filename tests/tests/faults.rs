@@ -13,6 +13,13 @@
 //!   the destination after it (for a fault whose outcome legitimately depends on timing,
 //!   either, but never against what the migrate command reported).
 //!
+//! The faults: `kill -9` of an agent (restarted at once on its data directory); the link
+//! between the hosts down at both ends for [`OUTAGE`]; `ferry cancel`; the destination's
+//! disk full (while preparing: a tmpfs smaller than the image, so creating it fails; later:
+//! its tmpfs filled up at the failpoint and its journal appends failing with ENOSPC, the
+//! `journal-append` failpoint, for [`OUTAGE`]); a corrupted data frame, or once the data is
+//! sent a corrupted control message (the call site at the failpoint chooses).
+//!
 //! Each cell prints one line, also when it fails, that `tests/matrix-table` turns into the
 //! table in docs/:
 //! `MATRIX|phase|fault|ended on|verify|recover ms|pass or FAIL|expected; failpoint; note`.

@@ -570,9 +570,24 @@ impl SourceRun<'_> {
                 )) => {
                     let matches = their_digest == digest && their_disks == disk_digests;
                     theirs = Some((their_digest, their_disks));
-                    match self.failpoint("source-before-commit") {
-                        Ok(()) => SourceInput::Prepared { matches },
-                        Err(error) => SourceInput::Failed(error.to_string()),
+                    // Fault injection (a no-op unless built for it): prepared, not yet
+                    // committed; the data is all sent, so `corrupt` hits the next control
+                    // message (the Commit).
+                    match failpoint::hit("source-before-commit") {
+                        Some(failpoint::Action::Error | failpoint::Action::NoSpace) => {
+                            SourceInput::Failed("failpoint source-before-commit".into())
+                        }
+                        other => {
+                            if other == Some(failpoint::Action::Corrupt) {
+                                failpoint::corrupt_next_control_message();
+                            }
+                            // A cancel that came before the commit point wins.
+                            if self.cancelled() {
+                                SourceInput::Cancelled
+                            } else {
+                                SourceInput::Prepared { matches }
+                            }
+                        }
                     }
                 }
                 Ok(Ok(ToSource::Resumed)) => SourceInput::Resumed,

@@ -744,6 +744,56 @@ mod tests {
         Arc::new(GuestMemory::new(name, (pages * PAGE_SIZE) as u64).unwrap())
     }
 
+    /// Tags made from a one-byte key: enough to tell two keys apart.
+    struct ByteKey(u8);
+
+    impl crate::transport::rdma::link::LaneAuth for ByteKey {
+        fn tag(&self, session: u64, lane: u16) -> [u8; 16] {
+            let mut tag = [self.0; 16];
+            tag[..8].copy_from_slice(&(session ^ u64::from(lane)).to_le_bytes());
+            tag
+        }
+        fn verify(&self, session: u64, lane: u16, tag: &[u8; 16]) -> bool {
+            &self.tag(session, lane) == tag
+        }
+    }
+
+    #[test]
+    fn a_lane_whose_tag_does_not_verify_is_refused() {
+        let Some((a, b)) = test_addresses() else {
+            return;
+        };
+        let listener = Listener::bind(b).unwrap();
+        let port = listener.port();
+        let caps = vec![lane_caps(); 1];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let accept =
+                s.spawn(|| listener.accept(9, &caps, |_| Vec::new(), &ByteKey(1), deadline, &stop));
+            let wrong = connect(
+                Some(a),
+                SocketAddr::new(b, port),
+                9,
+                &caps,
+                &ByteKey(2),
+                deadline,
+            );
+            assert!(wrong.is_err(), "a lane with the wrong key was accepted");
+            // The right key is accepted on the same listener afterwards.
+            let right = connect(
+                Some(a),
+                SocketAddr::new(b, port),
+                9,
+                &caps,
+                &ByteKey(1),
+                deadline,
+            );
+            assert!(right.is_ok(), "{:?}", right.err());
+            assert!(accept.join().unwrap().is_ok());
+        });
+    }
+
     #[test]
     fn pages_land_by_rdma_write_and_are_announced() {
         let Some((a, b)) = test_addresses() else {
