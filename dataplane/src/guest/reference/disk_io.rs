@@ -110,7 +110,7 @@ impl Step for DiskStep<'_> {
                         vcpu = self.lane.vcpu(),
                         unit,
                         write_errors = failed,
-                        error = %error_chain(&error),
+                        error = %crate::engine::error_chain(&error),
                         "guest disk write failed; retrying"
                     );
                 }
@@ -139,17 +139,4 @@ pub(super) fn disk_step(
         .map_err(|error| (unit, error))?;
     *regs = next;
     Ok(())
-}
-
-/// `error` and its sources, joined with ": " (the Display of our errors leaves the source
-/// out).
-pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }

@@ -5,7 +5,6 @@
 //! VM directories live in /dev/shm, as in production; disk images in a temporary directory
 //! on the ordinary filesystem, as in `tests_disk`.
 
-use std::error::Error;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -64,14 +63,7 @@ pub(super) fn refusal<T>(result: Result<T, GuestError>) -> String {
     let Err(error) = result else {
         panic!("expected a refusal, got Ok");
     };
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
+    crate::engine::error_chain(&error)
 }
 
 /// Polls `done` every millisecond for up to `limit`.
