@@ -45,6 +45,8 @@ struct Agent {
     data_dir: PathBuf,
     /// Holds a temporary data directory for as long as the agent runs.
     _temp: Option<tempfile::TempDir>,
+    /// The VMs' memory (tmpfs), removed with the agent.
+    _memory: tempfile::TempDir,
 }
 
 impl Agent {
@@ -57,11 +59,17 @@ impl Agent {
 
     /// An agent whose data directory is `data_dir` (created by the agent).
     fn start_in(data_dir: &Path) -> Self {
+        let memory = tempfile::Builder::new()
+            .prefix("ferry-cli-test-")
+            .tempdir_in("/dev/shm")
+            .unwrap();
         let mut child = Command::new(FERRY)
             .args(["agent", "--listen", "127.0.0.1:0", "--print-addr", "--key"])
             .arg(test_key())
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--memory-dir")
+            .arg(memory.path())
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -81,6 +89,7 @@ impl Agent {
             addr,
             data_dir: data_dir.to_path_buf(),
             _temp: None,
+            _memory: memory,
         }
     }
 

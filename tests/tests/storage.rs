@@ -162,6 +162,8 @@ fn a_destination_without_space_refuses_and_the_vm_stays_on_the_source() {
         !b.image_path("too-big").exists(),
         "no partial image left behind"
     );
+    drop(b);
+    ferry_tests::remove_memory_dir(small.path());
 }
 
 #[test]
