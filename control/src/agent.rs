@@ -297,6 +297,7 @@ fn refuse_peer_on_socket(stream: &mut Connection, opening: &Opening) {
         Opening::MigrateIn(_) => "MigrateIn",
         Opening::DataStream(_) => "DataStream",
         Opening::Outcome(_) => "Outcome",
+        Opening::Released(_) => "Released",
     };
     warn!(opening = what, "{reason}; connection refused");
     let _ = match opening {
@@ -602,6 +603,16 @@ impl Agent {
                     auth,
                     request,
                 )
+            }
+            (Opening::Released(question), Connection::Tcp(_)) => {
+                if self
+                    .ownership
+                    .released_by_destination(&question.vm, question.session)
+                {
+                    let image = self.disks.image_path(&question.vm).ok();
+                    info!(%peer, vm = %question.vm, epoch = question.epoch, image = ?image.filter(|p| p.exists()),
+                        "the destination confirmed it owns the VM: hand-over released (a disk image kept at the hand-over can be removed)");
+                }
             }
             (Opening::Outcome(question), Connection::Tcp(mut stream)) => {
                 let outcome = self

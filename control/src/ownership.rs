@@ -294,6 +294,30 @@ impl Ownership {
         }
     }
 
+    /// The destination of swap `session` says it owns `vm` (it learnt of the commit by
+    /// asking): the hand-over is confirmed. `true` when that was news.
+    pub fn released_by_destination(&self, vm: &str, session: u64) -> bool {
+        let mut view = self.view();
+        let epoch = match view.latest.get(vm) {
+            Some(Record::HandedOver {
+                epoch, session: s, ..
+            }) if *s == session => *epoch,
+            _ => return false,
+        };
+        let record = Record::Released {
+            vm: vm.into(),
+            epoch,
+            session,
+        };
+        match self.append(&mut view, record) {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(vm, error = %crate::error_chain(&error), "recording the destination's confirmation failed");
+                false
+            }
+        }
+    }
+
     /// A destination asks how swap `session` of `vm` (at `epoch` there) ended.
     pub fn answer(&self, vm: &str, epoch: u64, session: u64) -> SwapOutcome {
         let mut view = self.view();
@@ -530,6 +554,13 @@ mod tests {
                 to: "dst:1".into()
             }]
         );
+        // The destination, having asked, confirms: released, once; a stranger's claim
+        // about another session changes nothing.
+        assert!(!own.released_by_destination("a", 8));
+        assert!(own.released_by_destination("a", 7));
+        assert!(!own.released_by_destination("a", 7));
+        assert!(own.recovery_plan().is_empty());
+        assert_eq!(own.answer("a", 2, 7), SwapOutcome::Committed);
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum Opening {
     /// A destination in doubt asks how a swap ended; answered with a
     /// [`ferry_dataplane::engine::barrier::SwapOutcome`], then closed.
     Outcome(OutcomeQuestion),
+    /// A destination that learnt of the commit by asking tells the source it owns the VM
+    /// now (the source then records the release); no answer.
+    Released(OutcomeQuestion),
 }
 
 /// "How did swap `session` of `vm` end?" (`epoch`: the one the VM would have on the asking

@@ -96,6 +96,16 @@ pub fn resolve(services: &Services<'_>, doubt: InDoubt) {
                             }
                         }
                         info!(vm = %name, epoch = doubt.epoch, paused = doubt.start_paused, "the source committed: the VM is ours");
+                        // The source only knows it handed the VM over; tell it we have it.
+                        if let Err(reason) = tell_released(
+                            services.key,
+                            &doubt.from,
+                            &name,
+                            doubt.epoch,
+                            doubt.session,
+                        ) {
+                            info!(vm = %name, from = %doubt.from, %reason, "could not tell the source agent the VM is ours (it keeps showing the hand-over as unconfirmed)");
+                        }
                     }
                     DestinationAction::Discard => {
                         services
@@ -130,6 +140,24 @@ pub fn resolve(services: &Services<'_>, doubt: InDoubt) {
         std::thread::sleep(Duration::from_millis(50));
         inputs.push(DestinationInput::Tick);
     }
+}
+
+/// Tells the source's agent the hand-over is confirmed (best effort: nothing depends on it
+/// but the source's bookkeeping).
+fn tell_released(
+    key: &ClusterKey,
+    from: &str,
+    vm: &str,
+    epoch: u64,
+    session: u64,
+) -> Result<(), String> {
+    let mut stream = connect(from, key).map_err(|e| error_chain(&e))?;
+    let released = Opening::Released(OutcomeQuestion {
+        vm: vm.to_string(),
+        epoch,
+        session,
+    });
+    write_message(&mut stream, &released).map_err(|e| error_chain(&e))
 }
 
 /// One question to the source's agent, on a fresh authenticated connection.
