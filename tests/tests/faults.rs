@@ -828,3 +828,85 @@ fn the_cells_expect_the_commit_point_to_decide() {
     );
     assert!(matches!(classify(""), Reported::Unknown(_)));
 }
+
+/// Beyond the matrix: a cut that outlasts the switch-over bound at the worst moment (the
+/// destination prepared, `Prepared` received, nothing journaled yet) makes the source fail
+/// back by its bound; the destination, prepared and cut off, must not resume on its own: it
+/// ends up discarding (told by the source's `Abort` once the link is back, or by asking the
+/// source's agent, whose journal says aborted). The VM ends on the source, verified.
+#[test]
+fn a_cut_longer_than_the_switchover_bound_fails_back_and_the_prepared_destination_discards() {
+    let Some(hosts) = TwoHosts::new() else {
+        return;
+    };
+    assert_failpoints_compiled_in();
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let (source_data, destination_data) = (root.join("source-data"), root.join("destination-data"));
+    for dir in [&source_data, &destination_data] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let source_fp = Failpoints::new(root, "source");
+    let (source_log, destination_log) = (root.join("source.log"), root.join("destination.log"));
+    let source = NsAgent::start(
+        &hosts.a,
+        &source_data,
+        &[("FERRY_FAILPOINT_DIR", &source_fp.dir)],
+        &source_log,
+    );
+    let destination = NsAgent::start(&hosts.b, &destination_data, &[], &destination_log);
+    source.json(&[
+        "vm",
+        "create",
+        VM,
+        "--memory",
+        "16M",
+        "--vcpus",
+        "1",
+        "--dirty-rate",
+        "4MB/s",
+        "--disk",
+        "8M",
+        "--disk-write-rate",
+        "256K/s",
+    ]);
+    source_fp.arm("source-before-commit", "pause");
+    let mut migrate = MigrateCommand::start(source.spawn_cli(&[
+        "migrate",
+        VM,
+        "--to",
+        &destination.addr,
+        "--transport",
+        "tcp",
+        "--switchover-timeout",
+        "1s",
+    ]));
+    let deadline = Instant::now() + REACH_TIMEOUT;
+    while !source_fp.reached("source-before-commit") {
+        assert!(
+            Instant::now() < deadline && !migrate.finished(),
+            "the switch-over was never reached: {}",
+            migrate.wait(Duration::from_secs(1))
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Prepared is in hand; the link goes down and stays down past the 1 s bound.
+    hosts.cut();
+    std::thread::sleep(Duration::from_millis(1500));
+    source_fp.disarm("source-before-commit");
+    source_fp.release("source-before-commit");
+    let reported = migrate.wait(CLI_END_TIMEOUT);
+    assert!(
+        matches!(reported, Reported::FailedBack(_)),
+        "the bound must fail the migration back: {reported}"
+    );
+    // Cut off and prepared, the destination neither resumes nor discards yet.
+    let held = seen(&destination);
+    assert!(!runs(&held), "the destination resumed on its own: {held:?}");
+    hosts.heal();
+    let side = settle(&source, &destination, Instant::now() + SETTLE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&destination_log, 30)));
+    assert_eq!(side, Side::Source);
+    assert_eq!(source.verify(VM)["ok"], true);
+    assert!(source.advances(VM, Duration::from_secs(2)));
+}
