@@ -71,13 +71,13 @@ pub fn run(args: SimulateArgs, json: bool) -> anyhow::Result<()> {
                     }
                     println!(
                         "\nseed {seed}: ok in {elapsed_s:.3} s: {} migrations, {} committed, {} failed back, {} crashes; the VM ends on {} at epoch {} after {} ticks",
-                        summary.migrations,
-                        summary.committed,
-                        summary.failed_back,
-                        summary.crashes,
+                        summary.counts.migrations,
+                        summary.counts.committed,
+                        summary.counts.failed_back,
+                        summary.counts.crashes,
                         summary.owner,
                         summary.epoch,
-                        summary.ticks
+                        summary.counts.ticks
                     );
                 }
                 Ok(())
@@ -146,27 +146,33 @@ fn print(r: &SimReport, elapsed_s: f64, config: &SimConfig) {
         ("seeds", r.seeds.to_string()),
         ("passed", r.passed.to_string()),
         ("failed", r.failed.to_string()),
-        ("migrations started", r.migrations.to_string()),
-        ("commit points journaled", r.committed.to_string()),
-        ("fail-backs", r.failed_back.to_string()),
-        ("in-doubt episodes", r.in_doubt.to_string()),
+        ("migrations started", r.counts.migrations.to_string()),
+        ("commit points journaled", r.counts.committed.to_string()),
+        ("fail-backs", r.counts.failed_back.to_string()),
+        ("in-doubt episodes", r.counts.in_doubt.to_string()),
         (
             "in-doubt episodes resolved",
-            r.in_doubt_resolved.to_string(),
+            r.counts.in_doubt_resolved.to_string(),
         ),
-        ("  of which committed", r.in_doubt_committed.to_string()),
-        ("outcome questions", r.outcome_questions.to_string()),
-        ("crashes injected", r.crashes.to_string()),
-        ("partitions", r.partitions.to_string()),
-        ("journal appends failed", r.journal_failures.to_string()),
+        (
+            "  of which committed",
+            r.counts.in_doubt_committed.to_string(),
+        ),
+        ("outcome questions", r.counts.outcome_questions.to_string()),
+        ("crashes injected", r.counts.crashes.to_string()),
+        ("partitions", r.counts.partitions.to_string()),
+        (
+            "journal appends failed",
+            r.counts.journal_failures.to_string(),
+        ),
         (
             "agents killed mid-append (torn)",
-            r.torn_appends.to_string(),
+            r.counts.torn_appends.to_string(),
         ),
-        ("messages sent", r.messages.to_string()),
-        ("messages dropped", r.dropped.to_string()),
-        ("messages duplicated", r.duplicated.to_string()),
-        ("messages reordered", r.reordered.to_string()),
+        ("messages sent", r.counts.messages.to_string()),
+        ("messages dropped", r.counts.dropped.to_string()),
+        ("messages duplicated", r.counts.duplicated.to_string()),
+        ("messages reordered", r.counts.reordered.to_string()),
         ("highest epoch reached", r.epoch_max.to_string()),
         (
             "VM ends on A / on B",
@@ -178,7 +184,7 @@ fn print(r: &SimReport, elapsed_s: f64, config: &SimConfig) {
         ),
         (
             "virtual time simulated",
-            format!("{:.1} h", r.ticks as f64 / 100.0 / 3600.0),
+            format!("{:.1} h", r.counts.ticks as f64 / 100.0 / 3600.0),
         ),
         ("elapsed", format!("{elapsed_s:.1} s")),
         ("seeds per second", format!("{seeds_per_s:.0}")),

@@ -158,14 +158,11 @@ impl Default for SimConfig {
     }
 }
 
-/// What one seed did.
+/// What happened in a run, counted; a seed's own, or summed over seeds.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct SeedSummary {
-    pub seed: u64,
+pub struct SimCounts {
     /// Virtual ticks simulated in all.
     pub ticks: u64,
-    /// Ticks from the heal until the run settled (the longer of the two settling phases).
-    pub settle_ticks: u64,
     pub migrations: u64,
     /// Commit points journaled.
     pub committed: u64,
@@ -188,6 +185,37 @@ pub struct SeedSummary {
     pub dropped: u64,
     pub duplicated: u64,
     pub reordered: u64,
+}
+
+impl SimCounts {
+    fn add(&mut self, other: &SimCounts) {
+        self.ticks += other.ticks;
+        self.migrations += other.migrations;
+        self.committed += other.committed;
+        self.failed_back += other.failed_back;
+        self.in_doubt += other.in_doubt;
+        self.in_doubt_resolved += other.in_doubt_resolved;
+        self.in_doubt_committed += other.in_doubt_committed;
+        self.torn_appends += other.torn_appends;
+        self.crashes += other.crashes;
+        self.partitions += other.partitions;
+        self.journal_failures += other.journal_failures;
+        self.outcome_questions += other.outcome_questions;
+        self.messages += other.messages;
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+    }
+}
+
+/// What one seed did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SeedSummary {
+    pub seed: u64,
+    #[serde(flatten)]
+    pub counts: SimCounts,
+    /// Ticks from the heal until the run settled (the longer of the two settling phases).
+    pub settle_ticks: u64,
     /// Who runs the VM at the end ("A" or "B"), and at which epoch.
     pub owner: &'static str,
     pub epoch: u64,
@@ -234,22 +262,9 @@ pub struct SimReport {
     pub failed: u64,
     /// The failures with the lowest seeds (at most 20).
     pub failures: Vec<SimFailure>,
-    pub migrations: u64,
-    pub committed: u64,
-    pub failed_back: u64,
-    pub in_doubt: u64,
-    pub in_doubt_resolved: u64,
-    pub in_doubt_committed: u64,
-    pub torn_appends: u64,
-    pub crashes: u64,
-    pub partitions: u64,
-    pub journal_failures: u64,
-    pub outcome_questions: u64,
-    pub messages: u64,
-    pub dropped: u64,
-    pub duplicated: u64,
-    pub reordered: u64,
-    pub ticks: u64,
+    /// Summed over the seeds that passed.
+    #[serde(flatten)]
+    pub counts: SimCounts,
     pub settle_ticks_max: u64,
     pub settle_ticks_max_seed: u64,
     pub epoch_max: u64,
@@ -268,22 +283,7 @@ impl SimReport {
             }
             Ok(s) => {
                 self.passed += 1;
-                self.migrations += s.migrations;
-                self.committed += s.committed;
-                self.failed_back += s.failed_back;
-                self.in_doubt += s.in_doubt;
-                self.in_doubt_resolved += s.in_doubt_resolved;
-                self.in_doubt_committed += s.in_doubt_committed;
-                self.torn_appends += s.torn_appends;
-                self.crashes += s.crashes;
-                self.partitions += s.partitions;
-                self.journal_failures += s.journal_failures;
-                self.outcome_questions += s.outcome_questions;
-                self.messages += s.messages;
-                self.dropped += s.dropped;
-                self.duplicated += s.duplicated;
-                self.reordered += s.reordered;
-                self.ticks += s.ticks;
+                self.counts.add(&s.counts);
                 if s.settle_ticks > self.settle_ticks_max || self.passed == 1 {
                     self.settle_ticks_max = s.settle_ticks;
                     self.settle_ticks_max_seed = seed;
@@ -308,22 +308,7 @@ impl SimReport {
         self.passed += other.passed;
         self.failed += other.failed;
         self.failures.extend(other.failures);
-        self.migrations += other.migrations;
-        self.committed += other.committed;
-        self.failed_back += other.failed_back;
-        self.in_doubt += other.in_doubt;
-        self.in_doubt_resolved += other.in_doubt_resolved;
-        self.in_doubt_committed += other.in_doubt_committed;
-        self.torn_appends += other.torn_appends;
-        self.crashes += other.crashes;
-        self.partitions += other.partitions;
-        self.journal_failures += other.journal_failures;
-        self.outcome_questions += other.outcome_questions;
-        self.messages += other.messages;
-        self.dropped += other.dropped;
-        self.duplicated += other.duplicated;
-        self.reordered += other.reordered;
-        self.ticks += other.ticks;
+        self.counts.add(&other.counts);
         self.epoch_max = self.epoch_max.max(other.epoch_max);
         self.ended_on_a += other.ended_on_a;
         self.ended_on_b += other.ended_on_b;
@@ -870,7 +855,7 @@ impl<'c> Sim<'c> {
                             );
                             return Err(self.failure(v));
                         }
-                        self.stats.ticks = self.tick;
+                        self.stats.counts.ticks = self.tick;
                         self.stats.owner = NAME[owner];
                         self.stats.epoch = self.own(owner).epoch_here(VM).unwrap_or_default();
                         if self.config.full_trace {
@@ -998,7 +983,7 @@ impl<'c> Sim<'c> {
         }
         if !self.partitioned() && self.rng.chance(self.p.partition) {
             self.partitioned_until = self.tick + self.rng.range(1, self.p.partition_max);
-            self.stats.partitions += 1;
+            self.stats.counts.partitions += 1;
             self.log(format!("partition until t={}", self.partitioned_until));
             let open: Vec<u64> = self
                 .conns
@@ -1054,7 +1039,7 @@ impl<'c> Sim<'c> {
             return;
         }
         if self.faulty() {
-            self.stats.crashes += 1;
+            self.stats.counts.crashes += 1;
         }
         let delay = if self.faulty() {
             self.rng.range(1, self.p.restart_max)
@@ -1142,7 +1127,7 @@ impl<'c> Sim<'c> {
                         ));
                         continue;
                     }
-                    self.stats.in_doubt += 1;
+                    self.stats.counts.in_doubt += 1;
                     self.agents[x].doubt = Some(Doubt {
                         swap: DestinationSwap::recovered_prepared(
                             Self::ticks(self.p.ask_interval),
@@ -1231,7 +1216,7 @@ impl<'c> Sim<'c> {
                 NAME[x], self.disk_full_until[x]
             ));
         }
-        self.stats.journal_failures += 1;
+        self.stats.counts.journal_failures += 1;
         self.log(format!(
             "{}: journal append {what} FAILS (injected)",
             NAME[x]
@@ -1249,7 +1234,7 @@ impl<'c> Sim<'c> {
             return false;
         };
         let cut = self.rng.range(1, frame.len() as u64 - 1) as usize;
-        self.stats.torn_appends += 1;
+        self.stats.counts.torn_appends += 1;
         self.crash(x, &format!("in the middle of appending {record:?}"));
         let path = self.agents[x].dir.join(JOURNAL_FILE);
         let torn = std::fs::OpenOptions::new()
@@ -1385,7 +1370,7 @@ impl<'c> Sim<'c> {
             });
             return;
         }
-        self.stats.migrations += 1;
+        self.stats.counts.migrations += 1;
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(conn, Conn::new());
@@ -1559,7 +1544,7 @@ impl<'c> Sim<'c> {
     /// Sends on a control connection: TCP, so a lost message resets the connection.
     fn send_control(&mut self, from: usize, conn: u64, msg: Ctl) {
         let to = other(from);
-        self.stats.messages += 1;
+        self.stats.counts.messages += 1;
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -1574,7 +1559,7 @@ impl<'c> Sim<'c> {
         let faulty = self.faulty();
         let partitioned = self.partitioned();
         if partitioned || (faulty && self.rng.chance(self.p.loss)) {
-            self.stats.dropped += 1;
+            self.stats.counts.dropped += 1;
             self.log(format!(
                 "{} -> {}: {msg:?} LOST; the connection breaks",
                 NAME[from], NAME[to]
@@ -1585,7 +1570,7 @@ impl<'c> Sim<'c> {
         let mut at = self.tick + self.delay();
         if faulty && self.rng.chance(self.p.reorder) {
             if at < fifo {
-                self.stats.reordered += 1;
+                self.stats.counts.reordered += 1;
             }
         } else {
             at = at.max(fifo);
@@ -1598,7 +1583,7 @@ impl<'c> Sim<'c> {
             NAME[from], NAME[to]
         ));
         if faulty && self.rng.chance(self.p.dup) {
-            self.stats.duplicated += 1;
+            self.stats.counts.duplicated += 1;
             let again = at + self.rng.range(0, self.p.delay_max);
             self.post(
                 again,
@@ -1614,15 +1599,15 @@ impl<'c> Sim<'c> {
 
     /// An outcome question or answer: its own short connection, lost as a whole.
     fn send_datagram(&mut self, to: usize, packet: Packet) {
-        self.stats.messages += 1;
+        self.stats.counts.messages += 1;
         if self.faulty() && (self.partitioned() || self.rng.chance(self.p.loss)) {
-            self.stats.dropped += 1;
+            self.stats.counts.dropped += 1;
             self.log(format!("-> {}: {packet:?} LOST", NAME[to]));
             return;
         }
         let at = self.tick + self.delay();
         if self.faulty() && self.rng.chance(self.p.dup) {
-            self.stats.duplicated += 1;
+            self.stats.counts.duplicated += 1;
             let again = at + self.rng.range(0, self.p.delay_max);
             self.post(again, packet.clone());
         }
@@ -1681,7 +1666,7 @@ impl<'c> Sim<'c> {
             // data streams break first), with the reorder rate.
             if self.faulty() && self.rng.chance(self.p.reorder) {
                 if at < fifo {
-                    self.stats.reordered += 1;
+                    self.stats.counts.reordered += 1;
                 }
             } else {
                 at = at.max(fifo);
@@ -1712,7 +1697,7 @@ impl<'c> Sim<'c> {
                     return;
                 }
                 if self.partitioned() {
-                    self.stats.dropped += 1;
+                    self.stats.counts.dropped += 1;
                     self.log(format!("{msg:?} to {} cut by the partition", NAME[to]));
                     self.break_conn(conn, "partition", false);
                     return;
@@ -2001,7 +1986,7 @@ impl<'c> Sim<'c> {
                         let journaled = (&journal as &dyn SwapJournal).commit();
                         self.log(format!("{}: commit journaled: {journaled:?}", NAME[x]));
                         if journaled.is_ok() {
-                            self.stats.committed += 1;
+                            self.stats.counts.committed += 1;
                             if self.crash_after_append(x, "HandedOver") {
                                 return;
                             }
@@ -2028,7 +2013,7 @@ impl<'c> Sim<'c> {
     fn end_outgoing(&mut self, x: usize, o: Outgoing) {
         let end = match o.swap.outcome() {
             Some(SourceOutcome::FailedBack(why)) => {
-                self.stats.failed_back += 1;
+                self.stats.counts.failed_back += 1;
                 self.log(format!("{} fails back: {why}", NAME[x]));
                 if o.resume_due {
                     self.resume(x, "fail-back");
@@ -2149,7 +2134,7 @@ impl<'c> Sim<'c> {
                     NAME[x]
                 ));
                 self.close_conn(i.conn, x);
-                self.stats.in_doubt += 1;
+                self.stats.counts.in_doubt += 1;
                 self.agents[x].doubt = Some(Doubt {
                     swap: DestinationSwap::recovered_prepared(
                         Self::ticks(self.p.ask_interval),
@@ -2235,7 +2220,7 @@ impl<'c> Sim<'c> {
                     let ask = self.next_ask;
                     self.next_ask += 1;
                     d.asking = Some((ask, self.tick + self.p.ask_timeout));
-                    self.stats.outcome_questions += 1;
+                    self.stats.counts.outcome_questions += 1;
                     self.send_datagram(
                         other(x),
                         Packet::Ask {
@@ -2271,9 +2256,9 @@ impl<'c> Sim<'c> {
             }
         }
         if let Some(outcome) = d.swap.outcome() {
-            self.stats.in_doubt_resolved += 1;
+            self.stats.counts.in_doubt_resolved += 1;
             if *outcome == DestinationOutcome::Owned {
-                self.stats.in_doubt_committed += 1;
+                self.stats.counts.in_doubt_committed += 1;
             }
         } else {
             self.agents[x].doubt = Some(d);
@@ -2300,15 +2285,19 @@ mod tests {
         }
         assert_eq!(report.passed, TEST_SEEDS);
         // The faults did happen, and every kind of ending was reached.
-        assert!(report.committed > TEST_SEEDS, "{report:?}");
-        assert!(report.failed_back > TEST_SEEDS, "{report:?}");
-        assert!(report.crashes > TEST_SEEDS, "{report:?}");
+        assert!(report.counts.committed > TEST_SEEDS, "{report:?}");
+        assert!(report.counts.failed_back > TEST_SEEDS, "{report:?}");
+        assert!(report.counts.crashes > TEST_SEEDS, "{report:?}");
         assert!(
-            report.in_doubt > 0 && report.in_doubt_resolved > 0,
+            report.counts.in_doubt > 0 && report.counts.in_doubt_resolved > 0,
             "{report:?}"
         );
-        assert!(report.dropped > 0 && report.duplicated > 0 && report.reordered > 0);
-        assert!(report.journal_failures > 0 && report.partitions > 0);
+        assert!(
+            report.counts.dropped > 0
+                && report.counts.duplicated > 0
+                && report.counts.reordered > 0
+        );
+        assert!(report.counts.journal_failures > 0 && report.counts.partitions > 0);
         assert!(report.ended_on_a > 0 && report.ended_on_b > 0);
     }
 
@@ -2322,7 +2311,7 @@ mod tests {
         let again = run_seed(7, &config).unwrap();
         assert!(!first.trace.is_empty());
         assert_eq!(first.trace, again.trace);
-        assert_eq!(first.ticks, again.ticks);
+        assert_eq!(first.counts.ticks, again.counts.ticks);
     }
 
     #[test]

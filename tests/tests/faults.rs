@@ -422,6 +422,30 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The VM every cell migrates. Small and busy: 16 MiB of memory dirtied uniformly, an 8 MiB
+/// disk written at random.
+fn create_vm(source: &NsAgent) {
+    source.json(&[
+        "vm",
+        "create",
+        VM,
+        "--memory",
+        "16M",
+        "--vcpus",
+        "1",
+        "--dirty-rate",
+        "4MB/s",
+        "--pattern",
+        "uniform",
+        "--disk",
+        "8M",
+        "--disk-write-rate",
+        "256K/s",
+        "--disk-pattern",
+        "random",
+    ]);
+}
+
 /// Runs one cell to its end state and checks it.
 fn execute(hosts: &TwoHosts, cell: &Cell, root: &Path) -> Result<Ended, String> {
     let source_data = root.join("source-data");
@@ -467,26 +491,7 @@ fn execute(hosts: &TwoHosts, cell: &Cell, root: &Path) -> Result<Ended, String> 
         )
     };
 
-    // Small and busy: 16 MiB of memory dirtied uniformly, an 8 MiB disk written at random.
-    source.json(&[
-        "vm",
-        "create",
-        VM,
-        "--memory",
-        "16M",
-        "--vcpus",
-        "1",
-        "--dirty-rate",
-        "4MB/s",
-        "--pattern",
-        "uniform",
-        "--disk",
-        "8M",
-        "--disk-write-rate",
-        "256K/s",
-        "--disk-pattern",
-        "random",
-    ]);
+    create_vm(&source);
     std::thread::sleep(Duration::from_millis(200));
 
     let fp = cell.failpoint.map(|(name, side)| {
@@ -855,21 +860,7 @@ fn a_cut_longer_than_the_switchover_bound_fails_back_and_the_prepared_destinatio
         &source_log,
     );
     let destination = NsAgent::start(&hosts.b, &destination_data, &[], &destination_log);
-    source.json(&[
-        "vm",
-        "create",
-        VM,
-        "--memory",
-        "16M",
-        "--vcpus",
-        "1",
-        "--dirty-rate",
-        "4MB/s",
-        "--disk",
-        "8M",
-        "--disk-write-rate",
-        "256K/s",
-    ]);
+    create_vm(&source);
     source_fp.arm("source-before-commit", "pause");
     let mut migrate = MigrateCommand::start(source.spawn_cli(&[
         "migrate",
