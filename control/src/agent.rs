@@ -24,6 +24,7 @@ use ferry_dataplane::disk::VirtualDisk;
 use ferry_dataplane::engine::MigrationParams;
 use ferry_dataplane::guest::reference::{ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
+use ferry_dataplane::numa::{self, Device, PlacementRequest, Sysfs, ThreadRole, Topology};
 use ferry_dataplane::wire::{read_message, write_message};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
@@ -74,6 +75,8 @@ pub struct AgentConfig {
     pub key_path: PathBuf,
     /// Where VMs' memory files live (tmpfs); `None`: `/dev/shm/ferry-AGENT_ID`.
     pub memory_dir: Option<PathBuf>,
+    /// CPUs the data plane may use (`--cpus`); `None`: every CPU the process may use.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// Who this agent is, kept in the data directory. The id survives restarts; the rest
@@ -107,6 +110,8 @@ pub struct Agent {
 
 /// Runs an agent until `Shutdown` or SIGINT/SIGTERM.
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // A bad --cpus fails before anything is created.
+    check_cpus(&config)?;
     fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -134,6 +139,8 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr().context("reading the bound address")?;
+    // Placement before any data-plane thread starts (recovery below boots VMs).
+    install_placement(&config, local_addr);
     let socket_path = config.data_dir.join(SOCKET_FILE);
     let unix_listener = bind_private_socket(&socket_path)?;
     let identity = write_identity(&config.data_dir, local_addr)?;
@@ -177,10 +184,12 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _watcher = sigint::Watcher::spawn(move || on_signal.begin_shutdown("signal"))
         .context("starting the signal watcher")?;
     let unix_agent = Arc::clone(&agent);
-    std::thread::Builder::new()
-        .name("unix-accept".into())
-        .spawn(move || unix_agent.accept_unix(unix_listener))
-        .context("starting the unix socket's accept thread")?;
+    // The agent's own threads are control threads: every allowed CPU (--cpus), whichever
+    // thread starts them.
+    numa::spawn(ThreadRole::Control, "unix-accept", move || {
+        unix_agent.accept_unix(unix_listener)
+    })
+    .context("starting the unix socket's accept thread")?;
 
     for connection in listener.incoming() {
         if agent.shutting_down.load(Ordering::SeqCst) {
@@ -198,6 +207,145 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     agent.finish();
     let _ = fs::remove_file(&agent.socket_path);
     Ok(())
+}
+
+/// The data plane's NUMA placement on this host, as `ferry agent --show-placement` shows
+/// it: the topology (the CPUs this process may use), the NIC holding the listen address,
+/// the disk holding the data directory, and the plan.
+#[derive(Debug, Serialize)]
+pub struct HostPlacement {
+    pub topology: Topology,
+    /// `None`: listening on every address (0.0.0.0), or an address of no interface.
+    pub nic: Option<Device>,
+    /// `None`: the data directory is on no single disk (tmpfs, overlay).
+    pub disk: Option<Device>,
+    pub placement: numa::Placement,
+}
+
+/// Refuses a `--cpus` with CPUs this process may not use (a typo, or a cgroup's cpuset).
+fn check_cpus(config: &AgentConfig) -> anyhow::Result<()> {
+    if let Some(cpus) = &config.cpus {
+        numa::check_cpus(cpus, &numa::thread_affinity()).context("--cpus")?;
+    }
+    Ok(())
+}
+
+/// Reads the topology and the devices' nodes and plans. Never fails for want of topology:
+/// without hwloc's answer it plans for one node of the CPUs this process may use.
+pub fn host_placement(config: &AgentConfig, listen: Option<SocketAddr>) -> HostPlacement {
+    let allowed = numa::thread_affinity();
+    let topology = match numa::read_host() {
+        // hwloc reports the cgroup's CPUs; the affinity mask (taskset) may be narrower.
+        Ok(topology) if !allowed.is_empty() => topology.restricted_to(&allowed),
+        Ok(topology) => topology,
+        Err(err) => {
+            warn!(error = %error_chain(&err), "cannot read the NUMA topology: placing the data plane as on one node");
+            Topology::single(allowed)
+        }
+    };
+    let sysfs = Sysfs::host();
+    // Loopback has no device: its node stays unknown.
+    let nic = listen
+        .and_then(|addr| numa::nic_for_addr(addr.ip()))
+        .map(|iface| sysfs.nic(&topology, &iface));
+    let disk = numa::disk_for_path(&config.data_dir).map(|name| sysfs.disk(&topology, &name));
+    let request = PlacementRequest {
+        allowed_cpus: config.cpus.clone(),
+        nic_node: nic.as_ref().and_then(|d| d.node),
+        disk_node: disk.as_ref().and_then(|d| d.node),
+        memory_node: None,
+        // Decided per migration: no stream count to plan for here.
+        streams: 0,
+    };
+    let placement = numa::plan(&topology, &request);
+    HostPlacement {
+        topology,
+        nic,
+        disk,
+        placement,
+    }
+}
+
+/// Plans the placement, logs it and makes it the process's (every data-plane thread is
+/// pinned by it from now on). With `--cpus`, this thread is also pinned to the allowed
+/// CPUs, so that every thread the agent starts outside the data plane inherits them.
+fn install_placement(config: &AgentConfig, listen: SocketAddr) {
+    let host = host_placement(config, Some(listen));
+    info!(
+        nodes = host.topology.nodes.len(),
+        cpus = %numa::format_cpu_list(&host.placement.allowed_cpus),
+        nic = %describe_device(host.nic.as_ref()),
+        disk = %describe_device(host.disk.as_ref()),
+        "data plane placement"
+    );
+    for role in &host.placement.roles {
+        info!(
+            role = %role.role,
+            cpus = %numa::format_cpu_list(&role.cpus),
+            pinned = role.pinned,
+            memory_node = ?role.memory_node,
+            why = %role.why,
+            "placement"
+        );
+    }
+    for note in &host.placement.notes {
+        info!("placement: {note}");
+    }
+    if config.cpus.is_some() {
+        if let Err(err) = numa::set_thread_affinity(host.placement.cpus(ThreadRole::Control)) {
+            warn!(error = %error_chain(&err), "cannot pin the agent to --cpus");
+        }
+    }
+    if let Err(err) = numa::install(host.placement) {
+        warn!(error = %error_chain(&err), "placement not installed");
+    }
+}
+
+/// `eth0 (node 1)`, `lo (node unknown)`, `none`.
+fn describe_device(device: Option<&Device>) -> String {
+    match device {
+        Some(Device {
+            name,
+            node: Some(node),
+            ..
+        }) => format!("{name} (node {node})"),
+        Some(Device { name, .. }) => format!("{name} (node unknown)"),
+        None => "none".to_string(),
+    }
+}
+
+/// `ferry agent --show-placement`: prints the topology and the plan (one JSON object with
+/// `json`) and touches nothing: no directory is created, nothing listens.
+pub fn show_placement(config: &AgentConfig, json: bool) -> anyhow::Result<()> {
+    check_cpus(config)?;
+    // The address the agent would listen on, resolved but not bound.
+    let listen = std::net::ToSocketAddrs::to_socket_addrs(config.listen.as_str())
+        .ok()
+        .and_then(|mut addrs| addrs.next());
+    let host = host_placement(config, listen);
+    if json {
+        crate::output::print_json(&host);
+        return Ok(());
+    }
+    let mut out = String::new();
+    out.push_str(&host.topology.to_string());
+    let listen_text = listen.map_or(config.listen.clone(), |addr| addr.to_string());
+    let nic = match &host.nic {
+        Some(nic) => describe_device(Some(nic)),
+        None => "unknown (not one interface's address)".to_string(),
+    };
+    out.push_str(&format!("listen {listen_text}: NIC {nic}\n"));
+    out.push_str(&format!(
+        "data dir {}: disk {}\n\n",
+        config.data_dir.display(),
+        describe_device(host.disk.as_ref())
+    ));
+    out.push_str(&host.placement.to_string());
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("printing the placement")
 }
 
 /// Binds the CLI's unix socket at `path` so that nobody but this user can connect at any
@@ -355,12 +503,10 @@ impl Agent {
             return;
         }
         let worker = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("connection".into())
-            .spawn(move || {
-                let _counted = ConnectionSlot(Arc::clone(&worker));
-                worker.handle_connection(stream);
-            });
+        let spawned = numa::spawn(ThreadRole::Control, "connection", move || {
+            let _counted = ConnectionSlot(Arc::clone(&worker));
+            worker.handle_connection(stream);
+        });
         if let Err(err) = spawned {
             self.connections.fetch_sub(1, Ordering::SeqCst);
             error!(error = %err, "cannot start a connection thread; connection dropped");
@@ -443,11 +589,11 @@ impl Agent {
                             // commit; while the journal cannot take it, keep trying.
                             Some(session) => {
                                 let agent = Arc::clone(self);
-                                let spawned = std::thread::Builder::new()
-                                    .name(format!("fail-back-{name}"))
-                                    .spawn(move || {
-                                        agent.fail_back_recovered(&name, epoch, session, &vm)
-                                    });
+                                let spawned = numa::spawn(
+                                    ThreadRole::Control,
+                                    format!("fail-back-{name}"),
+                                    move || agent.fail_back_recovered(&name, epoch, session, &vm),
+                                );
                                 if let Err(err) = spawned {
                                     error!(error = %err, "cannot start the recovery thread");
                                 }
@@ -475,9 +621,11 @@ impl Agent {
                             start_paused: false,
                             image,
                         };
-                        let spawned = std::thread::Builder::new()
-                            .name(format!("in-doubt-{name}"))
-                            .spawn(move || resolve(&agent.services(), doubt));
+                        let spawned = numa::spawn(
+                            ThreadRole::Control,
+                            format!("in-doubt-{name}"),
+                            move || resolve(&agent.services(), doubt),
+                        );
                         if let Err(err) = spawned {
                             error!(vm = %name, error = %err, "cannot start asking the source; the VM stays in doubt until a restart");
                         }
@@ -903,18 +1051,18 @@ impl Agent {
             key: Arc::clone(&self.key),
             source_port: self.local_addr.port(),
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("migrate-{name}"))
-            .spawn(move || {
-                run_outgoing(
-                    &agent.registry,
-                    &agent.disks,
-                    &agent.ownership,
-                    outgoing,
-                    request,
-                    events_tx,
-                )
-            });
+        // Coordination only: its disk copy runs as a disk thread, its senders as
+        // transport threads, its trace as tracker threads (the engine places them).
+        let spawned = numa::spawn(ThreadRole::Control, format!("migrate-{name}"), move || {
+            run_outgoing(
+                &agent.registry,
+                &agent.disks,
+                &agent.ownership,
+                outgoing,
+                request,
+                events_tx,
+            )
+        });
         if let Err(err) = spawned {
             self.registry.set_state(&name, VmState::Running);
             let message = format!("cannot start the migration thread: {err}");

@@ -207,7 +207,7 @@ pub enum Response {
     /// A snapshot of a running migration (a few per second, and at every phase or round).
     Progress(Progress),
     /// The migration completed: the VM runs on the destination.
-    Migrated(MigrationReport),
+    Migrated(Box<MigrationReport>),
     /// Answer to `Cancel`: whether a migration of `name` was running.
     Cancelled {
         name: String,
@@ -430,15 +430,16 @@ mod tests {
                     rate_bytes_per_s: 1 << 28,
                     eta_ms: Some(2000),
                     mirrored_writes: 17,
+                    mirrored_bytes: 0,
                 }],
                 ..Default::default()
             }),
-            Response::Migrated(MigrationReport {
+            Response::Migrated(Box::new(MigrationReport {
                 total_ms: 12.5,
                 transport: "tcp".into(),
                 ..Default::default()
-            }),
-            Response::Migrated(MigrationReport {
+            })),
+            Response::Migrated(Box::new(MigrationReport {
                 disk_copy_ms: 800.0,
                 disks: vec![DiskReport {
                     bytes: 128 << 20,
@@ -455,7 +456,7 @@ mod tests {
                     ..Default::default()
                 }],
                 ..Default::default()
-            }),
+            })),
             Response::Cancelled {
                 name: "x".into(),
                 was_running: true,

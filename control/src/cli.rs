@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use ferry_dataplane::disk::{DirectIo, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
 use ferry_dataplane::engine::{MigrationParams, TransportChoice, DISK_CHUNK_BYTES_MIN};
 use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern, VmSpec};
+use ferry_dataplane::transport::tcp::SendMode;
 use ferry_dataplane::units::{format_bytes, parse_size};
 
 use crate::api::DiskPlacement;
@@ -119,6 +120,16 @@ pub struct AgentArgs {
     /// default /dev/shm/ferry-AGENT_ID.
     #[arg(long, value_name = "DIR")]
     pub memory_dir: Option<PathBuf>,
+    /// CPUs the data plane may use, e.g. 0-3,8 [default: every CPU this process may use].
+    /// Transport threads go to the CPUs of the NIC's NUMA node, disk threads to the
+    /// disk's, the rest spread over the list (see --show-placement).
+    // `::std::vec::Vec`: one value holding a list, not a repeatable option (clap).
+    #[arg(long, value_name = "LIST", value_parser = ferry_dataplane::numa::parse_cpu_list)]
+    pub cpus: Option<::std::vec::Vec<u32>>,
+    /// Print the NUMA topology and the data plane's placement (which CPUs and memory node
+    /// each kind of thread gets, and why), then exit; with --json as one JSON object.
+    #[arg(long)]
+    pub show_placement: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,8 +305,9 @@ pub fn describe_disk(spec: &VmSpec, placement: &DiskPlacement) -> Option<String>
 /// How to migrate (shared by `migrate` and `demo`); defaults are the engine's.
 #[derive(Clone, Debug, Args)]
 pub struct MigrationArgs {
-    /// Parallel data streams (1..=64).
-    #[arg(long, default_value_t = MigrationParams::default().streams)]
+    /// Parallel data streams: 1..=64, or auto (the source agent chooses from its transport
+    /// cores and the link's speed; the report says how many and why).
+    #[arg(long, default_value = "auto", value_parser = parse_streams, value_name = "N|auto")]
     pub streams: usize,
     /// Pause the guest may see at switch-over, in ms.
     #[arg(long, default_value_t = MigrationParams::default().downtime_ms)]
@@ -329,6 +341,14 @@ pub struct MigrationArgs {
     /// listen on one, otherwise TCP; the report says which and why), rdma (or fail), tcp.
     #[arg(long, default_value = "auto", value_name = "auto|rdma|tcp")]
     pub transport: TransportChoice,
+    /// How TCP streams send pages: auto (io_uring zero-copy send, probed; switches to plain
+    /// send when the kernel reports it copied anyway, as on loopback), zerocopy, copy.
+    #[arg(long, default_value = "auto", value_name = "auto|zerocopy|copy")]
+    pub send_mode: SendMode,
+    /// Write a timeline of the migration as an SVG: bytes/s per phase over time, the dirty
+    /// set per round, the pause.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
 }
 
 impl MigrationArgs {
@@ -347,6 +367,7 @@ impl MigrationArgs {
             disk_chunk_bytes: self.chunk_size,
             disk_queue_depth: self.queue_depth,
             transport: self.transport,
+            send_mode: self.send_mode,
             ..MigrationParams::default()
         }
     }
@@ -440,6 +461,16 @@ fn parse_duration_ms(input: &str) -> Result<u64, String> {
 
 fn parse_bytes(input: &str) -> Result<u64, String> {
     parse_size(input).map_err(|e| e.to_string())
+}
+
+fn parse_streams(input: &str) -> Result<usize, String> {
+    match input.trim() {
+        "auto" => Ok(ferry_dataplane::engine::STREAMS_AUTO),
+        other => match other.parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(format!("streams must be 1..=64 or auto, not {other:?}")),
+        },
+    }
 }
 
 fn parse_rate(input: &str) -> Result<u64, String> {

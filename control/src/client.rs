@@ -325,7 +325,7 @@ impl Client {
         loop {
             match self.read(&mut stream)? {
                 Response::Progress(progress) => on_progress(&progress),
-                Response::Migrated(report) => return Ok(report),
+                Response::Migrated(report) => return Ok(*report),
                 other => return Err(self.unexpected(&other, "Progress or Migrated")),
             }
         }

@@ -70,16 +70,25 @@ pub fn run(cli: Cli) -> i32 {
     let key_path = cli.key_path();
     let client = || connect(&cli.agent, key_path.as_deref());
     let result = match cli.command {
-        Command::Agent(args) => agent::run(AgentConfig {
-            key_path: key_path
-                .clone()
-                .unwrap_or_else(|| args.data_dir.join(KEY_FILE)),
-            listen: args.listen,
-            data_dir: args.data_dir,
-            print_addr: args.print_addr,
-            memory_dir: args.memory_dir,
-        })
-        .map(|()| EXIT_OK),
+        Command::Agent(args) => {
+            let show_placement = args.show_placement;
+            let config = AgentConfig {
+                key_path: key_path
+                    .clone()
+                    .unwrap_or_else(|| args.data_dir.join(KEY_FILE)),
+                listen: args.listen,
+                data_dir: args.data_dir,
+                print_addr: args.print_addr,
+                memory_dir: args.memory_dir,
+                cpus: args.cpus,
+            };
+            if show_placement {
+                agent::show_placement(&config, mode.json)
+            } else {
+                agent::run(config)
+            }
+            .map(|()| EXIT_OK)
+        }
         Command::Vm(command) => client().and_then(|client| vm(&client, command, mode)),
         Command::Migrate(args) => client().and_then(|client| migrate(&client, &args, mode)),
         Command::Cancel { name } => client().and_then(|client| cancel(&client, &name, mode)),
@@ -296,6 +305,12 @@ pub fn follow_migration(
 
 fn migrate(client: &Client, args: &MigrateArgs, mode: OutputMode) -> anyhow::Result<i32> {
     let report = follow_migration(client, &args.name, &args.to, args.params(), mode)?;
+    write_plot(
+        args.migration.plot.as_deref(),
+        &report,
+        &format!("{} → {}", args.name, args.to),
+        mode,
+    )?;
     if mode.json {
         print_json(&MigratedJson {
             vm: &args.name,
@@ -312,4 +327,22 @@ fn migrate(client: &Client, args: &MigrateArgs, mode: OutputMode) -> anyhow::Res
         }
     }
     Ok(EXIT_OK)
+}
+
+/// `--plot PATH`: writes the report's timeline as an SVG (and says so, unless `--json`).
+pub fn write_plot(
+    path: Option<&Path>,
+    report: &MigrationReport,
+    title: &str,
+    mode: OutputMode,
+) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    crate::plot::write_svg(path, &report.timeline, title)
+        .with_context(|| format!("writing the timeline plot {}", path.display()))?;
+    if !mode.json {
+        println!("timeline plot written to {}", path.display());
+    }
+    Ok(())
 }

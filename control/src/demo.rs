@@ -374,6 +374,12 @@ fn demo(
     if human {
         print!("{}", render_report(name, &b.addr, &report));
     }
+    crate::commands::write_plot(
+        args.migration.plot.as_deref(),
+        &report,
+        &format!("ferry demo: {name}, A → B"),
+        mode,
+    )?;
     check_interrupted()?;
 
     let verify = destination

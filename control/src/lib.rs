@@ -23,6 +23,7 @@ pub mod migration;
 pub mod output;
 pub mod ownership;
 pub mod peer;
+pub mod plot;
 pub mod progress;
 pub mod recovery;
 pub mod registry;

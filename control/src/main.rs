@@ -11,6 +11,8 @@ fn main() {
     // The agent logs its work (info); the CLI only warnings, so its output stays readable.
     // RUST_LOG overrides either.
     let default_filter = match cli.command {
+        // --show-placement prints its answer: the log would only repeat it.
+        Command::Agent(ref args) if args.show_placement => "warn",
         Command::Agent(_) => "info",
         _ => "warn",
     };

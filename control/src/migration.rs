@@ -9,6 +9,7 @@
 mod incoming;
 mod outgoing;
 mod resolve;
+mod streams;
 
 use std::time::Duration;
 

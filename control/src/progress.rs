@@ -190,7 +190,7 @@ fn describe_disk_progress(disk: &DiskProgress) -> String {
 pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "migrated {vm} to {to}");
-    let rows: [(&str, String); 10] = [
+    let rows: [(&str, String); 12] = [
         ("total time", format_ms(report.total_ms)),
         ("downtime", format_ms(report.downtime_ms)),
         (
@@ -229,6 +229,20 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
                 );
             }
             row
+        }),
+        ("streams", {
+            if report.streams_reason.is_empty() {
+                report.streams.to_string()
+            } else {
+                format!("{} ({})", report.streams, report.streams_reason)
+            }
+        }),
+        ("send path", {
+            match &report.send_path {
+                Some(path) if !path.note.is_empty() => format!("{}: {}", path.mode, path.note),
+                Some(path) => path.mode.to_string(),
+                None => "rdma writes".to_string(),
+            }
         }),
         ("tracker", report.tracker.clone()),
         ("throttle max", format!("{}%", report.throttle_percent_max)),
@@ -368,6 +382,7 @@ mod tests {
             rate_bytes_per_s: 512 << 20,
             eta_ms: Some(1500),
             mirrored_writes: 42,
+            mirrored_bytes: 0,
         };
         let line = describe(&Progress {
             phase: Some(Phase::DiskCopy),

@@ -301,7 +301,9 @@ fn migration_between_two_agents() {
     );
     assert_eq!(b.ferry(&["vm", "destroy", "m"]).0, 0);
 
-    // Now for real, with progress lines.
+    // Now for real, with progress lines and a timeline plot.
+    let plot_dir = tempfile::tempdir().unwrap();
+    let plot = plot_dir.path().join("m.svg");
     let output = Command::new(FERRY)
         .args([
             "--agent",
@@ -315,6 +317,8 @@ fn migration_between_two_agents() {
             &b.addr,
             "--streams",
             "2",
+            "--plot",
+            plot.to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -343,7 +347,21 @@ fn migration_between_two_agents() {
     }
     assert_eq!(report["transport"], "tcp");
     assert_eq!(report["streams"], 2);
+    assert_eq!(report["streams_reason"], "set by --streams");
     assert!(report["bytes_sent"].as_u64().unwrap() >= 64 << 20);
+    // The send path says what it did over loopback (the kernel copies zero-copy sends).
+    assert_eq!(report["send_path"]["mode"], "auto");
+    assert!(report["send_path"]["plain_sends"].as_u64().unwrap() > 0);
+    // The timeline: one record per round, the pause, and the plot drawn from it.
+    let timeline = &report["timeline"];
+    assert_eq!(
+        timeline["rounds"].as_array().unwrap().len() as u64,
+        report["rounds"].as_u64().unwrap()
+    );
+    assert!(timeline["pause"]["end_ms"].as_f64() > timeline["pause"]["start_ms"].as_f64());
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg:.100}");
+    assert!(svg.contains("pause") && svg.trim_end().ends_with("</svg>"));
 
     let (code, verify) = b.ferry(&["vm", "verify", "m"]);
     assert_eq!(code, 0, "{verify}");

@@ -15,6 +15,7 @@ pub mod file_lock;
 pub mod guest;
 pub mod hash;
 pub mod memory;
+pub mod numa;
 pub mod transport;
 pub mod units;
 pub mod wire;

@@ -54,6 +54,7 @@ fn busy_vm_moves_and_verifies_on_the_destination() {
             report.pages_sent + report.zero_pages_sent,
             incoming_report.pages_received
         );
+        check_timeline(&report);
         steps_increase(&incoming);
         let verify = incoming.verify().unwrap();
         assert!(verify.ok, "{pattern}: {verify:?}");
@@ -62,6 +63,32 @@ fn busy_vm_moves_and_verifies_on_the_destination() {
             "destination continued past the source's steps"
         );
     }
+}
+
+/// The report's timeline agrees with the report: one record per round, the pause is the
+/// downtime, samples in time order with counters that never go back and end at the bytes sent.
+fn check_timeline(report: &ferry_dataplane::engine::MigrationReport) {
+    let t = &report.timeline;
+    assert_eq!(t.rounds.len() as u32, report.rounds, "{t:?}");
+    for (i, r) in t.rounds.iter().enumerate() {
+        assert_eq!(r.round, i as u32);
+        assert!(r.start_ms <= r.end_ms && r.bytes > 0 && r.bandwidth_bytes_per_s > 0.0);
+    }
+    assert_eq!(
+        t.rounds[0].pages,
+        64 << 20 >> 12,
+        "round 0 sends every page"
+    );
+    let pause = t.pause.expect("the pause is recorded");
+    assert!((pause.end_ms - pause.start_ms - report.downtime_ms).abs() < 0.01);
+    assert_eq!(pause.pages, report.final_pages);
+    assert!((t.total_ms - report.total_ms).abs() < 0.01);
+    assert!(t.samples.len() >= 3, "{t:?}");
+    assert!(t
+        .samples
+        .windows(2)
+        .all(|w| w[0].t_ms <= w[1].t_ms && w[0].memory_bytes <= w[1].memory_bytes));
+    assert_eq!(t.samples.last().unwrap().memory_bytes, report.bytes_sent);
 }
 
 /// The loss must be caught. Usually by `verify` on the destination: the engine itself cannot

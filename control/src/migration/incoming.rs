@@ -17,6 +17,7 @@ use ferry_dataplane::engine::EngineError;
 use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::{Guest, GuestError};
 use ferry_dataplane::memory::GuestMemory;
+use ferry_dataplane::numa::{self, ThreadRole};
 use ferry_dataplane::transport::rdma::session::{IncomingRdma, IncomingTransports};
 use ferry_dataplane::transport::rdma::RdmaError;
 use ferry_dataplane::transport::tcp::TcpDestination;
@@ -381,16 +382,21 @@ pub fn accept_incoming(
     let stop_lanes = Arc::new(AtomicBool::new(false));
     let lanes = listening.map(|listening| {
         let stop = Arc::clone(&stop_lanes);
-        std::thread::spawn(move || -> Result<IncomingTransports, RdmaError> {
-            listening.accept(
-                session,
-                streams as usize,
-                has_disk,
-                &control_auth,
-                Instant::now() + DATA_STREAMS_TIMEOUT,
-                &stop,
-            )
-        })
+        numa::spawn(
+            ThreadRole::Transport,
+            "ferry-rdma-accept",
+            move || -> Result<IncomingTransports, RdmaError> {
+                listening.accept(
+                    session,
+                    streams as usize,
+                    has_disk,
+                    &control_auth,
+                    Instant::now() + DATA_STREAMS_TIMEOUT,
+                    &stop,
+                )
+            },
+        )
+        .expect("spawning the RDMA lane acceptor")
     });
     let stop_accepting = |lanes: Option<std::thread::JoinHandle<_>>| {
         stop_lanes.store(true, Ordering::SeqCst);

@@ -17,6 +17,7 @@ use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::{FullTracker, UffdWpTracker};
 use ferry_dataplane::memory::{DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::numa::{self, ThreadRole};
 use ferry_dataplane::transport::rdma::link::device_for;
 use ferry_dataplane::transport::rdma::memory::RdmaCounters;
 use ferry_dataplane::transport::rdma::session::{connect_outgoing, OutgoingTransports};
@@ -172,7 +173,7 @@ pub fn run_outgoing(
                 bytes_sent = report.bytes_sent, rounds = report.rounds, disk_copy_ms = report.disk_copy_ms,
                 "migration completed; VM handed over"
             );
-            Response::Migrated(report)
+            Response::Migrated(Box::new(report))
         }
         Err(OutgoingError::Engine(err @ EngineError::LostAfterCommit { .. })) => {
             // Past the commit point the source must never run the VM again, whatever the
@@ -241,6 +242,11 @@ fn migrate(
     journal: &OutgoingSwap<'_>,
 ) -> Result<MigrationReport, OutgoingError> {
     let to = request.to.as_str();
+    let (params, streams_reason) = super::streams::resolve(&request.params, to);
+    let request = &OutgoingRequest {
+        params,
+        ..request.clone()
+    };
     let streams = request.params.streams as u32;
     let has_disk = vm.disk().is_some();
     info!(vm = %vm.spec().name, %to, session = format_args!("{session:#018x}"), streams, has_disk, "starting outgoing migration");
@@ -256,13 +262,13 @@ fn migrate(
         // prepares: it pre-faults its memory, which takes longer than hashing here.
         let trace_stop = AtomicBool::new(false);
         let (connected, traced) = std::thread::scope(|scope| {
-            let tracing = std::thread::Builder::new()
-                .name("ferry-trace".into())
-                .spawn_scoped(scope, || trace(vm.as_ref(), tracker.as_mut(), &trace_stop))
-                .map_err(|source| OutgoingError::Socket {
-                    op: "spawning the trace thread",
-                    source,
-                });
+            let tracing = numa::spawn_scoped(scope, ThreadRole::Tracker, "ferry-trace", || {
+                trace(vm.as_ref(), tracker.as_mut(), &trace_stop)
+            })
+            .map_err(|source| OutgoingError::Socket {
+                op: "spawning the trace thread",
+                source,
+            });
             let connected = handshake(vm, to, session, epoch, request, cancel);
             if connected.is_err() {
                 trace_stop.store(true, Ordering::SeqCst);
@@ -320,6 +326,8 @@ fn migrate(
     }
 
     let mut rdma_report = None;
+    // Kept to report how the pages were sent (zero-copy or plain) once the engine is done.
+    let mut tcp_source: Option<Arc<TcpSource>> = None;
     let (transport, disk_link): (Arc<dyn SourceTransport>, Option<Arc<dyn DiskSource>>) = match rdma
     {
         Some(rdma) => {
@@ -334,7 +342,12 @@ fn migrate(
             )
         }
         None => {
-            let transport = Arc::new(TcpSource::new(data).map_err(OutgoingError::Transport)?);
+            let tcp = Arc::new(
+                TcpSource::with_send_mode(data, request.params.send_mode)
+                    .map_err(OutgoingError::Transport)?,
+            );
+            tcp_source = Some(Arc::clone(&tcp));
+            let transport: Arc<dyn SourceTransport> = tcp;
             let disk_link = match disk_lanes {
                 Some((bulk, mirror)) => {
                     let sizes = vm.disks().iter().map(|d| d.size()).collect();
@@ -369,6 +382,9 @@ fn migrate(
     match catch_unwind(AssertUnwindSafe(|| migrate_out(ctx, &mut on_progress))) {
         Ok(result) => result.map_err(OutgoingError::Engine).map(|mut report| {
             report.transport_note = transport_note;
+            report.streams_reason = streams_reason;
+            report.send_path = tcp_source.map(|tcp| tcp.send_path());
+            super::streams::remember(to, &report);
             report.rdma = rdma_report.map(|(device, memory, disk)| {
                 let load = |c: &Option<Arc<RdmaCounters>>, f: fn(&RdmaCounters) -> &AtomicU64| {
                     c.as_ref().map_or(0, |c| f(c).load(Ordering::Relaxed))

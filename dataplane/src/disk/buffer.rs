@@ -115,6 +115,7 @@ impl fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numa::{self, ThreadRole};
 
     #[test]
     fn aligned_zeroed_and_writable() {
@@ -135,7 +136,10 @@ mod tests {
     fn address_survives_a_move() {
         let buf = AlignedBuf::new_zeroed(BLOCK_SIZE);
         let before = buf.as_ptr();
-        let moved = std::thread::spawn(move || buf).join().unwrap();
+        let moved = numa::spawn(ThreadRole::Disk, "ferry-test-buffer", move || buf)
+            .unwrap()
+            .join()
+            .unwrap();
         assert_eq!(moved.as_ptr(), before);
     }
 

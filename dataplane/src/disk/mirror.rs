@@ -511,6 +511,7 @@ impl VirtualDisk {
 mod tests {
     use super::*;
     use crate::disk::{AlignedBuf, DirectIo};
+    use crate::numa::{self, ThreadRole};
     use std::sync::atomic::AtomicU32;
 
     const CHUNK: u64 = 256 << 10;
@@ -629,7 +630,10 @@ mod tests {
         mirror.claim(1).unwrap();
         let writer = {
             let disk = Arc::clone(&disk);
-            std::thread::spawn(move || disk.write_at(CHUNK, &unit(9, 4096)))
+            numa::spawn(ThreadRole::Guest, "ferry-test-writer", move || {
+                disk.write_at(CHUNK, &unit(9, 4096))
+            })
+            .unwrap()
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!writer.is_finished(), "the range lock holds the write");
@@ -656,20 +660,26 @@ mod tests {
             .map(|w| {
                 let (disk, cursor, stop) =
                     (Arc::clone(&disk), Arc::clone(&cursor), Arc::clone(&stop));
-                std::thread::spawn(move || {
-                    let mut n = 0u64;
-                    let mut buf = AlignedBuf::new_zeroed(8192);
-                    while !stop.load(Ordering::Relaxed) {
-                        let chunk = u64::from(cursor.load(Ordering::Relaxed)) + (n % 3);
-                        let offset = (chunk * CHUNK + (n * 8192 * 7 + u64::from(w) * 4096) % CHUNK)
-                            .min(SIZE - 8192)
-                            & !4095;
-                        buf.fill((n as u8) ^ (w << 6) | 1);
-                        disk.write_at(offset, &buf).unwrap();
-                        n += 1;
-                    }
-                    n
-                })
+                numa::spawn(
+                    ThreadRole::Guest,
+                    format!("ferry-test-writer{w}"),
+                    move || {
+                        let mut n = 0u64;
+                        let mut buf = AlignedBuf::new_zeroed(8192);
+                        while !stop.load(Ordering::Relaxed) {
+                            let chunk = u64::from(cursor.load(Ordering::Relaxed)) + (n % 3);
+                            let offset = (chunk * CHUNK
+                                + (n * 8192 * 7 + u64::from(w) * 4096) % CHUNK)
+                                .min(SIZE - 8192)
+                                & !4095;
+                            buf.fill((n as u8) ^ (w << 6) | 1);
+                            disk.write_at(offset, &buf).unwrap();
+                            n += 1;
+                        }
+                        n
+                    },
+                )
+                .unwrap()
             })
             .collect();
         for index in 0..chunks {

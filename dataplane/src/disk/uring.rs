@@ -156,6 +156,17 @@ impl BlockRing {
         Self::build(queue_depth, buffers, buffer_len, true)
     }
 
+    /// As [`BlockRing::new`], but the buffers are never registered: plain reads and writes,
+    /// each pinning its pages for the I/O. The baseline registration is measured against
+    /// (`ferry-bench send-path`).
+    pub fn unregistered(
+        queue_depth: u32,
+        buffers: usize,
+        buffer_len: usize,
+    ) -> Result<Self, DiskError> {
+        Self::build(queue_depth, buffers, buffer_len, false)
+    }
+
     /// `new`, with registration optional (tests exercise the unregistered path with it).
     fn build(
         queue_depth: u32,
@@ -926,6 +937,9 @@ mod tests {
             (8, 3, 64 * KIB)
         );
         assert!(ring.buffer(2).iter().all(|&b| b == 0));
+        let ring = BlockRing::unregistered(8, 3, 64 * KIB).unwrap();
+        assert!(!ring.registered());
+        assert_eq!(ring.buffer_count(), 3);
     }
 
     /// Reads `count` pieces of 64 KiB at scattered offsets through a ring of depth `qd`,

@@ -18,6 +18,7 @@ use super::{DiskProgress, DiskReport, EngineError, MigrationParams};
 use crate::disk::uring::read_linear;
 use crate::disk::{BlockRing, DiskError, Mirror, MirrorTarget, VirtualDisk, BLOCK_SIZE};
 use crate::memory::{page_hash, MemoryDigest, ZERO_PAGE_HASH};
+use crate::numa::{self, ThreadRole};
 use crate::transport::DiskSource;
 
 /// How long a mirrored write or a chunk may wait for the destination's acknowledgement.
@@ -27,7 +28,9 @@ const WINDOW_PER_DEPTH: usize = 2;
 /// How often the bulk copy's watcher looks at the cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 /// How often the bulk copy reports progress.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the bulk copy reports its progress (the timeline samples it; the user's
+/// progress display is throttled further up).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Mirrored writes go over the migration's disk link.
 struct LinkTarget(Arc<dyn DiskSource>);
@@ -160,6 +163,7 @@ impl DiskSession {
                 rate_bytes_per_s: 0,
                 eta_ms: None,
                 mirrored_writes: mirror.stats().mirrored_writes,
+                mirrored_bytes: mirror.stats().mirrored_bytes,
             })
             .collect()
     }
@@ -177,7 +181,7 @@ impl DiskSession {
         let copying = AtomicBool::new(true);
         let link = self.link.clone();
         std::thread::scope(|scope| {
-            scope.spawn(|| {
+            numa::spawn_scoped(scope, ThreadRole::Control, "ferry-disk-cancel", || {
                 while copying.load(Ordering::Relaxed) {
                     if cancel.load(Ordering::Relaxed) {
                         if let Some(link) = &link {
@@ -187,8 +191,13 @@ impl DiskSession {
                     }
                     std::thread::sleep(CANCEL_POLL);
                 }
+            })
+            .expect("spawning the disk copy's cancel watcher");
+            // The copy stays on this thread (progress is not Send) but runs as a disk
+            // thread: on the disk's node, where its io_uring buffers are first touched.
+            let result = numa::run_as(ThreadRole::Disk, || {
+                self.copy_disks(params, cancel, progress)
             });
-            let result = self.copy_disks(params, cancel, progress);
             copying.store(false, Ordering::Relaxed);
             result
         })

@@ -22,6 +22,8 @@ pub mod pacer;
 pub mod protocol;
 mod sender;
 pub mod source;
+pub mod streams;
+pub mod timeline;
 pub mod trace;
 
 /// An error and its sources as one line, for the `Abort` reason the peer logs and shows:
@@ -40,7 +42,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// How a migration is run. Defaults are what `ferry migrate` uses without flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationParams {
-    /// Parallel data streams (1..=64).
+    /// Parallel data streams (1..=64), or [`STREAMS_AUTO`]: the source agent chooses from
+    /// its transport cores and the link ([`streams::choose_streams`]).
     pub streams: usize,
     /// Pause the guest may see at switch-over.
     pub downtime_ms: u64,
@@ -73,6 +76,10 @@ pub struct MigrationParams {
     /// Which data path carries pages and disk blocks.
     #[serde(default)]
     pub transport: TransportChoice,
+    /// How the TCP transport sends pages: auto (zero-copy where the kernel really avoids
+    /// the copy, plain send elsewhere), zerocopy, copy.
+    #[serde(default)]
+    pub send_mode: crate::transport::tcp::SendMode,
 }
 
 /// `--transport auto|rdma|tcp`.
@@ -121,13 +128,16 @@ fn disk_queue_depth_default() -> u32 {
     crate::disk::QUEUE_DEPTH_DEFAULT
 }
 
+/// `MigrationParams::streams` value that asks the source agent to choose.
+pub const STREAMS_AUTO: usize = 0;
+
 /// Smallest bulk-copy chunk: mirrored writes up to this size travel as one request.
 pub const DISK_CHUNK_BYTES_MIN: u32 = 128 << 10;
 
 impl Default for MigrationParams {
     fn default() -> Self {
         Self {
-            streams: 4,
+            streams: STREAMS_AUTO,
             downtime_ms: 50,
             rounds_max: 30,
             precopy_timeout_ms: 120_000,
@@ -139,6 +149,7 @@ impl Default for MigrationParams {
             start_paused: false,
             keep_source_disks: false,
             transport: TransportChoice::Auto,
+            send_mode: crate::transport::tcp::SendMode::Auto,
         }
     }
 }
@@ -147,8 +158,11 @@ impl MigrationParams {
     /// Checks the parameters before anything is connected.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |reason: String| Err(EngineError::BadParams { reason });
-        if !(1..=64).contains(&self.streams) {
-            return bad(format!("streams must be 1..=64, not {}", self.streams));
+        if self.streams > 64 {
+            return bad(format!(
+                "streams must be 1..=64 (or auto), not {}",
+                self.streams
+            ));
         }
         if self.rounds_max == 0 {
             return bad("rounds_max must be at least 1".into());
@@ -240,8 +254,10 @@ pub struct DiskProgress {
     pub bytes_copied: u64,
     pub rate_bytes_per_s: u64,
     pub eta_ms: Option<u64>,
-    /// Guest writes mirrored so far.
+    /// Guest writes mirrored so far, and their bytes.
     pub mirrored_writes: u64,
+    #[serde(default)]
+    pub mirrored_bytes: u64,
 }
 
 /// What happened to one disk.
@@ -296,7 +312,13 @@ pub struct MigrationReport {
     /// What the RDMA transport's device did (None over TCP): proof that it carried the data.
     #[serde(default)]
     pub rdma: Option<RdmaReport>,
+    /// How the TCP transport sent pages (None over RDMA): zero-copy or plain, and why.
+    #[serde(default)]
+    pub send_path: Option<crate::transport::tcp::SendPathReport>,
     pub streams: usize,
+    /// Why that many streams (`auto`'s reasoning, or "set by --streams").
+    #[serde(default)]
+    pub streams_reason: String,
     /// Dirty tracker used on the source.
     pub tracker: String,
     /// Time the destination spent pre-faulting its memory while preparing.
@@ -318,6 +340,9 @@ pub struct MigrationReport {
     pub disk_copy_ms: f64,
     #[serde(default)]
     pub disks: Vec<DiskReport>,
+    /// What happened over time (for `ferry migrate --plot`).
+    #[serde(default)]
+    pub timeline: timeline::Timeline,
 }
 
 /// RDMA work the source posted during a migration.

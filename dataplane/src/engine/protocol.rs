@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::EngineError;
+use crate::numa::{self, ThreadRole};
 use crate::wire::{read_message, write_message, WireError};
 
 /// Version of this message set (independent of the frame format).
@@ -103,16 +104,14 @@ impl<In: DeserializeOwned + Send + 'static> ControlChannel<In> {
         stream.set_nodelay(true).map_err(io)?;
         let mut reader_stream = stream.try_clone().map_err(io)?;
         let (tx, inbox) = crossbeam_channel::bounded(16);
-        let reader = std::thread::Builder::new()
-            .name("ferry-control-rx".into())
-            .spawn(move || loop {
-                let msg = read_message::<In>(&mut reader_stream, CONTROL_MESSAGE_MAX);
-                let stop = msg.is_err();
-                if tx.send(msg).is_err() || stop {
-                    return;
-                }
-            })
-            .map_err(io)?;
+        let reader = numa::spawn(ThreadRole::Control, "ferry-control-rx", move || loop {
+            let msg = read_message::<In>(&mut reader_stream, CONTROL_MESSAGE_MAX);
+            let stop = msg.is_err();
+            if tx.send(msg).is_err() || stop {
+                return;
+            }
+        })
+        .map_err(io)?;
         Ok(Self {
             writer: stream,
             inbox,

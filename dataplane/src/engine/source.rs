@@ -20,15 +20,19 @@ use super::disk_copy::DiskSession;
 use super::pacer::Pacer;
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::sender::{DoneOnDrop, RoundCounters, StreamSender, StreamSent};
+use super::timeline::{PauseSpan, RoundRecord, TimelineRecorder, TimelineSample};
 pub use super::trace::{trace, Trace};
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::failpoint;
 use crate::guest::Guest;
 use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE};
+use crate::numa::{self, ThreadRole};
 use crate::transport::{DiskSource, SourceTransport};
 
 /// How often progress is reported while a round is sent.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the round driver wakes while senders run (cancel, progress, timeline).
+const ROUND_POLL: Duration = Duration::from_millis(5);
 /// Wait for the destination's answer to `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -113,6 +117,8 @@ pub fn migrate_out(
         swap: SourceSwap::new(Duration::from_millis(ctx.params.switchover_timeout_ms)),
         journal: ctx.journal,
         resume_due: false,
+        timeline: TimelineRecorder::new(ctx.started),
+        last_user_emit: None,
     };
     let result = run.run(guest, ctx.tracker, &mut control, progress);
     match result {
@@ -202,6 +208,10 @@ struct SourceRun<'a> {
     journal: &'a dyn SwapJournal,
     /// The barrier failed back: resume the guest once the migration's links are down.
     resume_due: bool,
+    /// What happened over time, for the report's plot.
+    timeline: TimelineRecorder,
+    /// When the disk copy last passed its progress on to the caller.
+    last_user_emit: Option<Instant>,
 }
 
 /// What sending one round produced.
@@ -220,7 +230,14 @@ impl SourceRun<'_> {
     fn emit(&mut self, progress: &mut dyn FnMut(&Progress)) {
         self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
         self.progress.bytes_sent = self.report.bytes_sent;
+        self.sample(true);
         progress(&self.progress);
+    }
+
+    /// Adds the current counters to the timeline (at most every few ms unless `force`).
+    fn sample(&mut self, force: bool) {
+        let sample = timeline_sample(&self.progress, self.report.bytes_sent);
+        self.timeline.sample(Instant::now(), sample, force);
     }
 
     fn cancelled(&self) -> bool {
@@ -319,7 +336,7 @@ impl SourceRun<'_> {
         self.progress.disks = disks.progress();
         self.emit(progress);
         let copy_started = Instant::now();
-        let cancel = self.cancel;
+        let (cancel, params) = (self.cancel, self.params);
         let mut on_disk_progress = |view: Vec<super::DiskProgress>| {
             self.progress.disks = view;
             self.progress.eta_ms = self.progress.disks.iter().find_map(|d| d.eta_ms);
@@ -328,9 +345,17 @@ impl SourceRun<'_> {
             // Memory bytes, as in the report; the disks' own progress is in `disks`.
             self.progress.bytes_sent = self.report.bytes_sent;
             self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
-            progress(&self.progress);
+            // Every call feeds the timeline; the caller hears a few times per second.
+            self.sample(false);
+            if self
+                .last_user_emit
+                .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL)
+            {
+                self.last_user_emit = Some(Instant::now());
+                progress(&self.progress);
+            }
         };
-        disks.bulk_copy(self.params, cancel, &mut on_disk_progress)?;
+        disks.bulk_copy(params, cancel, &mut on_disk_progress)?;
         // A cancel that came as the copy ended may have closed the disk links already.
         if self.cancelled() {
             return Err(EngineError::Cancelled);
@@ -371,6 +396,7 @@ impl SourceRun<'_> {
             disks.check()?;
             self.progress.round = round;
             let to_send_pages = to_send.count() as u64;
+            let round_start_ms = self.timeline.ms(Instant::now());
             let sent =
                 self.send_round_or_put_back(tracker, &to_send, round, &pacer, None, progress)?;
             self.report.rounds = round + 1;
@@ -393,6 +419,17 @@ impl SourceRun<'_> {
             self.progress.predicted_downtime_ms =
                 predicted_downtime_ms(dirty_bytes, measurement.bandwidth_bytes_per_s);
             let decision = convergence.decide(self.params, &measurement);
+            self.timeline.round(RoundRecord {
+                round,
+                start_ms: round_start_ms,
+                end_ms: self.timeline.ms(Instant::now()),
+                pages: to_send_pages,
+                bytes: sent.bytes,
+                dirty_pages_after: self.progress.dirty_pages,
+                bandwidth_bytes_per_s: measurement.bandwidth_bytes_per_s,
+                predicted_downtime_ms: self.progress.predicted_downtime_ms,
+                throttle_percent: self.progress.throttle_percent,
+            });
             info!(
                 round,
                 dirty_pages = to_send.count(),
@@ -457,8 +494,18 @@ impl SourceRun<'_> {
         self.report.memory_digest = digest;
         self.report.disks = disks.reports();
         self.swap_to_the_end(control, deadline, digest, &disk_digests)?;
-        self.report.downtime_ms = quiesced_at.elapsed().as_secs_f64() * 1000.0;
-        self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let resumed_at = Instant::now();
+        self.report.downtime_ms = (resumed_at - quiesced_at).as_secs_f64() * 1000.0;
+        self.report.total_ms = (resumed_at - self.started).as_secs_f64() * 1000.0;
+        self.timeline.pause(PauseSpan {
+            start_ms: self.timeline.ms(quiesced_at),
+            end_ms: self.timeline.ms(resumed_at),
+            pages: self.report.final_pages,
+        });
+        self.progress.phase = Some(Phase::Done);
+        self.sample(true);
+        let timeline = std::mem::replace(&mut self.timeline, TimelineRecorder::new(self.started));
+        self.report.timeline = timeline.finish(resumed_at);
         self.report.throughput_bytes_per_s =
             self.report.bytes_sent as f64 / (self.send_ms_total / 1000.0).max(1e-6);
         self.transport.shutdown();
@@ -656,6 +703,7 @@ impl SourceRun<'_> {
             report,
             progress: snapshot,
             started: migration_started,
+            timeline,
             ..
         } = self;
         let digest = digest
@@ -677,28 +725,35 @@ impl SourceRun<'_> {
                         counters: &counters,
                         abort: &abort,
                     };
-                    std::thread::Builder::new()
-                        .name(format!("ferry-tx-{stream}"))
-                        .spawn_scoped(scope, {
-                            let done = DoneOnDrop(done_tx.clone());
-                            move || {
-                                let _done = done;
-                                sender.send(pages)
-                            }
-                        })
-                        .expect("spawning a sender thread")
+                    let done = DoneOnDrop(done_tx.clone());
+                    numa::spawn_scoped(
+                        scope,
+                        ThreadRole::Transport,
+                        format!("ferry-tx-{stream}"),
+                        move || {
+                            let _done = done;
+                            sender.send(pages)
+                        },
+                    )
+                    .expect("spawning a sender thread")
                 })
                 .collect();
             let mut last_emit = Instant::now();
             let mut last_bytes = 0u64;
             // Wake on each sender's completion (the round ends the moment the last one does:
-            // in the final round this is downtime) and every 10 ms for cancel and progress.
+            // in the final round this is downtime) and every few ms for cancel, progress and
+            // the timeline.
             let mut finished = 0;
             while finished < streams {
-                if done_rx.recv_timeout(Duration::from_millis(10)).is_ok() {
+                if done_rx.recv_timeout(ROUND_POLL).is_ok() {
                     finished += 1;
                     continue;
                 }
+                let sample = timeline_sample(
+                    snapshot,
+                    bytes_before + counters.bytes.load(Ordering::Relaxed),
+                );
+                timeline.sample(Instant::now(), sample, false);
                 let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
                 if (cancel.load(Ordering::Relaxed) || timed_out)
                     && !abort.swap(true, Ordering::Relaxed)
@@ -761,5 +816,17 @@ impl SourceRun<'_> {
         self.progress.rate_bytes_per_s = (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
         self.emit(progress);
         Ok(RoundSent { bytes, elapsed })
+    }
+}
+
+/// The timeline's view of a progress snapshot, with `memory_bytes` on the wire so far.
+fn timeline_sample(progress: &Progress, memory_bytes: u64) -> TimelineSample {
+    TimelineSample {
+        t_ms: 0.0,
+        phase: progress.phase,
+        round: progress.round,
+        memory_bytes,
+        disk_copy_bytes: progress.disks.iter().map(|d| d.bytes_copied).sum(),
+        disk_mirrored_bytes: progress.disks.iter().map(|d| d.mirrored_bytes).sum(),
     }
 }

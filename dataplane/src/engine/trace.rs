@@ -8,6 +8,7 @@ use tracing::info;
 use super::EngineError;
 use crate::guest::Guest;
 use crate::memory::{page_hash, DirtyTracker, MemoryDigest};
+use crate::numa::{self, ThreadRole};
 use crate::transport::BLOCK_PAGES;
 
 /// The trace phase's result: the tracker is armed and every page has been hashed once.
@@ -49,15 +50,16 @@ pub fn trace(
     let digest = MemoryDigest::new_zeroed(memory.pages());
     let pages = memory.pages();
     let next_chunk = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(pages.div_ceil(TRACE_CHUNK_PAGES));
+    // One per tracker CPU (every core without a placement).
+    let workers = numa::parallelism(ThreadRole::Tracker).min(pages.div_ceil(TRACE_CHUNK_PAGES));
     std::thread::scope(|scope| {
         for worker in 0..workers {
             let (digest, next_chunk) = (&digest, &next_chunk);
-            std::thread::Builder::new()
-                .name(format!("ferry-trace-{worker}"))
-                .spawn_scoped(scope, move || loop {
+            numa::spawn_scoped(
+                scope,
+                ThreadRole::Tracker,
+                format!("ferry-trace-{worker}"),
+                move || loop {
                     let first = next_chunk.fetch_add(TRACE_CHUNK_PAGES, Ordering::Relaxed);
                     if first >= pages || cancel.load(Ordering::Relaxed) {
                         return;
@@ -67,8 +69,9 @@ pub fn trace(
                             acc.wrapping_add(digest.record(page, page_hash(memory.page(page))))
                         });
                     digest.apply(delta);
-                })
-                .expect("spawning a trace thread");
+                },
+            )
+            .expect("spawning a trace thread");
         }
     });
     if cancel.load(Ordering::Relaxed) {

@@ -510,6 +510,7 @@ impl DirtyTracker for FullTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numa::{self, ThreadRole};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Returns early with a visible message when the kernel cannot track writes; with
@@ -644,11 +645,12 @@ mod tests {
         let mut tracker = started(&memory);
         let writer = {
             let memory = memory.clone();
-            std::thread::spawn(move || {
+            numa::spawn(ThreadRole::Guest, "ferry-test-writer", move || {
                 for page in (1..100).step_by(7) {
                     memory.write_page(page, &page_of(page as u8));
                 }
             })
+            .unwrap()
         };
         writer.join().unwrap();
         let expected: Vec<usize> = (1..100).step_by(7).collect();
@@ -689,7 +691,7 @@ mod tests {
         let writer = {
             let memory = memory.clone();
             let stop = stop.clone();
-            std::thread::spawn(move || {
+            numa::spawn(ThreadRole::Guest, "ferry-test-writer", move || {
                 let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
                 let mut writes: u64 = 0;
                 // Runs until told to stop, so that it overlaps every collect below.
@@ -704,6 +706,7 @@ mod tests {
                 }
                 writes
             })
+            .unwrap()
         };
         let mut rounds = 0;
         let mut rounds_nonempty = 0;

@@ -202,6 +202,7 @@ impl LaneTickets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numa::{self, ThreadRole};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -228,7 +229,10 @@ mod tests {
         assert!(acks.poll(a).is_none());
         let waiter = {
             let acks = Arc::clone(&acks);
-            std::thread::spawn(move || acks.wait(a, Instant::now() + Duration::from_secs(5)))
+            numa::spawn(ThreadRole::Disk, "ferry-test-waiter", move || {
+                acks.wait(a, Instant::now() + Duration::from_secs(5))
+            })
+            .unwrap()
         };
         acks.complete(a, ACK_OK).unwrap();
         waiter.join().unwrap().unwrap();

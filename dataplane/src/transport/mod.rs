@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use crate::disk::{DiskError, DiskImage};
 use crate::memory::{GuestMemory, MemoryDigest};
+use crate::numa::{self, ThreadRole};
 use crate::wire::{self, Frame, WireError};
 
 /// Pages per block: the unit of the page-to-stream mapping (1 MiB).
@@ -108,8 +109,9 @@ pub enum ReceiveEvent {
     },
 }
 
-/// Starts a receiver thread named `name` for `stream`: it runs `run` and reports an error
-/// it returns to the engine as [`ReceiveEvent::Failed`] (a clean end reports nothing).
+/// Starts a receiver thread named `name` for `stream` (a transport thread, on the NIC's
+/// node: [`crate::numa`]): it runs `run` and reports an error it returns to the engine as
+/// [`ReceiveEvent::Failed`] (a clean end reports nothing).
 pub(crate) fn spawn_receiver(
     name: String,
     stream: usize,
@@ -118,18 +120,16 @@ pub(crate) fn spawn_receiver(
         + Send
         + 'static,
 ) -> Result<std::thread::JoinHandle<()>, TransportError> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            if let Err(error) = run(&events) {
-                let _ = events.send(ReceiveEvent::Failed { stream, error });
-            }
-        })
-        .map_err(|source| TransportError::Io {
-            stream,
-            op: "spawning a receiver",
-            source,
-        })
+    numa::spawn(ThreadRole::Transport, name, move || {
+        if let Err(error) = run(&events) {
+            let _ = events.send(ReceiveEvent::Failed { stream, error });
+        }
+    })
+    .map_err(|source| TransportError::Io {
+        stream,
+        op: "spawning a receiver",
+        source,
+    })
 }
 
 /// The frame of bulk-copy request `id`: `len` bytes at `offset` of `disk`, carrying data

@@ -30,6 +30,7 @@ use super::{
     ReceiveEvent, TransportError,
 };
 use crate::disk::BlockRing;
+use crate::numa::{self, ThreadRole};
 use crate::wire::{read_exact_or_truncated, DiskFrame, WireError, ACK_OK, FRAME_HEADER_LEN};
 
 /// Lane indices, as reported in errors (after the memory streams' indices).
@@ -109,13 +110,15 @@ impl TcpDiskSource {
             );
             let acks = Arc::clone(acks.lane(lane));
             let sizes = disk_sizes.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ferry-disk-ack{lane}"))
-                .spawn(move || {
+            let handle = numa::spawn(
+                ThreadRole::Transport,
+                format!("ferry-disk-ack{lane}"),
+                move || {
                     let reason = read_acks(&mut reader, &sizes, &acks, stream);
                     acks.close(reason);
-                })
-                .map_err(io_error(stream, "spawning an ack reader"))?;
+                },
+            )
+            .map_err(io_error(stream, "spawning an ack reader"))?;
             readers.push(handle);
         }
         Ok(Self {

@@ -34,6 +34,7 @@ use super::program::{fill_content, Lane, Program, VcpuRegs, STEPS_MAX};
 use super::registers::Registers;
 use crate::guest::GuestError;
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::numa::{self, ThreadRole};
 
 /// How long `quiesce` waits for every vCPU to reach a step boundary.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,16 +227,16 @@ impl Vcpus {
         let mut handles = Vec::with_capacity(workers as usize);
         for v in 0..self.program.vcpus {
             let memory_worker = Arc::clone(self);
-            let mut spawned = std::thread::Builder::new()
-                .name(format!("ferry-vcpu{v}"))
-                .spawn(move || memory_worker.run_memory(v))
-                .map(|handle| handles.push(handle));
+            let mut spawned = numa::spawn(ThreadRole::Guest, format!("ferry-vcpu{v}"), move || {
+                memory_worker.run_memory(v)
+            })
+            .map(|handle| handles.push(handle));
             if spawned.is_ok() && self.disk.is_some() {
                 let disk_worker = Arc::clone(self);
-                spawned = std::thread::Builder::new()
-                    .name(format!("ferry-vcpu{v}-io"))
-                    .spawn(move || disk_worker.run_disk(v))
-                    .map(|handle| handles.push(handle));
+                spawned = numa::spawn(ThreadRole::Guest, format!("ferry-vcpu{v}-io"), move || {
+                    disk_worker.run_disk(v)
+                })
+                .map(|handle| handles.push(handle));
             }
             if let Err(source) = spawned {
                 // Count the workers that will never run as exited, so stop() agrees.

@@ -23,6 +23,7 @@ use super::{Mismatch, RegisterMismatch, VerifyReport};
 use crate::disk::{DiskError, VirtualDisk};
 use crate::memory::region::is_zero;
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::numa::{self, ThreadRole};
 
 /// Mismatches listed in a report; the rest are only counted.
 pub const MISMATCHES_LISTED_MAX: usize = 16;
@@ -74,13 +75,12 @@ pub fn threads_for_pages(pages: u64) -> usize {
 }
 
 pub(super) fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(VERIFY_THREADS_MAX)
+    numa::parallelism(ThreadRole::Tracker).min(VERIFY_THREADS_MAX)
 }
 
 /// Runs `work` over `0..items` split into contiguous ranges, one per thread (at most
-/// `threads`), and returns the results in range order.
+/// `threads`), and returns the results in range order. The threads are tracker threads
+/// (hashing and replaying, placed next to guest memory: [`crate::numa`]).
 pub fn in_parallel<T: Send>(
     items: u64,
     threads: usize,
@@ -96,7 +96,13 @@ pub fn in_parallel<T: Send>(
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let range = (t * chunk).min(items)..((t + 1) * chunk).min(items);
-                scope.spawn(move || work(range))
+                numa::spawn_scoped(
+                    scope,
+                    ThreadRole::Tracker,
+                    format!("ferry-parallel{t}"),
+                    move || work(range),
+                )
+                .expect("spawning a worker thread")
             })
             .collect();
         handles

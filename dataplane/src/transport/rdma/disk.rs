@@ -47,6 +47,7 @@ use super::verbs::{
 };
 use super::RdmaError;
 use crate::disk::{BlockRing, BLOCK_SIZE, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
+use crate::numa::{self, ThreadRole};
 use crate::transport::ack::LaneTickets;
 use crate::transport::disk_landing::{lane_request, Landing, Request};
 use crate::transport::tcp_disk::{BULK_LANE, MIRROR_LANE, MIRROR_QUEUE_DEPTH};
@@ -342,13 +343,13 @@ impl RdmaDiskSource {
             stream_base,
             stop: stop.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name("ferry-rdma-disk-cq".into())
-            .spawn(move || completer.run())
-            .map_err(|source| RdmaError::Verbs {
-                op: "spawning the disk completion thread",
-                source,
-            })?;
+        let handle = numa::spawn(ThreadRole::Transport, "ferry-rdma-disk-cq", move || {
+            completer.run()
+        })
+        .map_err(|source| RdmaError::Verbs {
+            op: "spawning the disk completion thread",
+            source,
+        })?;
         Ok(Self {
             lanes: lanes.try_into().map_err(|_| ()).expect("two lanes"),
             shared,
@@ -819,14 +820,16 @@ impl DiskDestination for RdmaDiskDestination {
                 },
             })?;
             let events = events.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ferry-rdma-disk-rx{lane}"))
-                .spawn(move || receiver.run(&events))
-                .map_err(|source| TransportError::Io {
-                    stream,
-                    op: "spawning a disk receiver",
-                    source,
-                })?;
+            let handle = numa::spawn(
+                ThreadRole::Transport,
+                format!("ferry-rdma-disk-rx{lane}"),
+                move || receiver.run(&events),
+            )
+            .map_err(|source| TransportError::Io {
+                stream,
+                op: "spawning a disk receiver",
+                source,
+            })?;
             self.receivers.push(handle);
         }
         Ok(())
@@ -1233,7 +1236,7 @@ mod tests {
         let caps = vec![lane_caps(); 2];
         let deadline = Instant::now() + LONG;
         let (source_link, destination_link) = std::thread::scope(|s| {
-            let accept = s.spawn(|| {
+            let accept = numa::spawn_scoped(s, ThreadRole::Transport, "ferry-test-accept", || {
                 listener.accept(
                     session,
                     &caps,
@@ -1242,7 +1245,8 @@ mod tests {
                     deadline,
                     &AtomicBool::new(false),
                 )
-            });
+            })
+            .unwrap();
             let (link, _) = connect(
                 Some(a),
                 SocketAddr::new(b, port),
@@ -1521,8 +1525,14 @@ mod tests {
         let ticket = h.source.acks.lane(BULK_LANE).register().unwrap();
         let started = Instant::now();
         std::thread::scope(|s| {
-            let sender = s.spawn(|| h.source.send_write(0, 0, &[1u8; BLOCK_SIZE]));
-            let waiter = s.spawn(|| h.source.wait(ticket, Instant::now() + LONG));
+            let sender = numa::spawn_scoped(s, ThreadRole::Transport, "ferry-test-sender", || {
+                h.source.send_write(0, 0, &[1u8; BLOCK_SIZE])
+            })
+            .unwrap();
+            let waiter = numa::spawn_scoped(s, ThreadRole::Disk, "ferry-test-waiter", || {
+                h.source.wait(ticket, Instant::now() + LONG)
+            })
+            .unwrap();
             std::thread::sleep(Duration::from_millis(300));
             assert!(!sender.is_finished() && !waiter.is_finished());
             h.source.shutdown();

@@ -25,6 +25,7 @@ use super::verbs::{
     expect_event, CmEventKind, CmId, ConnectedQp, EventChannel, PendingQp, ProtectionDomain, QpCaps,
 };
 use super::RdmaError;
+use crate::numa::{self, ThreadRole};
 
 /// "FRYR": ferry RDMA lane.
 const CONNECT_MAGIC: u32 = 0x5259_5246;
@@ -359,10 +360,10 @@ impl Link {
             let lanes = lanes.clone();
             let broken = broken.clone();
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("rdma-cm-monitor".into())
-                .spawn(move || monitor(channel, lanes, broken, stop))
-                .ok()
+            numa::spawn(ThreadRole::Control, "rdma-cm-monitor", move || {
+                monitor(channel, lanes, broken, stop)
+            })
+            .ok()
         };
         Self {
             lanes,

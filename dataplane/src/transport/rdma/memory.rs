@@ -36,6 +36,7 @@ use super::verbs::{
 };
 use super::RdmaError;
 use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH};
+use crate::numa::{self, ThreadRole};
 use crate::transport::ledger::{check_owner, Next, StreamLedger};
 use crate::transport::{
     spawn_receiver, DestinationTransport, ReceiveEvent, SourceTransport, TransportError,
@@ -226,13 +227,13 @@ impl RdmaSource {
                 .collect();
             let progress = progress.clone();
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("ferry-rdma-cq".into())
-                .spawn(move || complete_sends(qps, progress, stop))
-                .map_err(|source| RdmaError::Verbs {
-                    op: "spawning the completion thread",
-                    source,
-                })?
+            numa::spawn(ThreadRole::Transport, "ferry-rdma-cq", move || {
+                complete_sends(qps, progress, stop)
+            })
+            .map_err(|source| RdmaError::Verbs {
+                op: "spawning the completion thread",
+                source,
+            })?
         };
         Ok(Self {
             lanes: source_lanes,
@@ -769,8 +770,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
-            let accept =
-                s.spawn(|| listener.accept(9, &caps, |_| Vec::new(), &ByteKey(1), deadline, &stop));
+            let accept = numa::spawn_scoped(s, ThreadRole::Transport, "ferry-test-accept", || {
+                listener.accept(9, &caps, |_| Vec::new(), &ByteKey(1), deadline, &stop)
+            })
+            .unwrap();
             let wrong = connect(
                 Some(a),
                 SocketAddr::new(b, port),
@@ -818,7 +821,7 @@ mod tests {
         let caps = vec![lane_caps(); streams];
         let deadline = Instant::now() + Duration::from_secs(20);
         let (dest_link, source) = std::thread::scope(|s| {
-            let accept = s.spawn(|| {
+            let accept = numa::spawn_scoped(s, ThreadRole::Transport, "ferry-test-accept", || {
                 listener.accept(
                     7,
                     &caps,
@@ -827,7 +830,8 @@ mod tests {
                     deadline,
                     &AtomicBool::new(false),
                 )
-            });
+            })
+            .unwrap();
             let (link, accepted) = connect(
                 Some(a),
                 SocketAddr::new(b, port),
