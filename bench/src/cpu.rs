@@ -46,7 +46,7 @@ impl CpuTime {
 }
 
 /// Clock ticks per second of the times in `/proc/.../stat` (`sysconf(_SC_CLK_TCK)`).
-fn ticks_per_s() -> f64 {
+pub(crate) fn ticks_per_s() -> f64 {
     // SAFETY: sysconf takes no pointers; _SC_CLK_TCK is a valid name on Linux.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 {
@@ -59,7 +59,7 @@ fn ticks_per_s() -> f64 {
 /// The command name and user + system CPU seconds of a `/proc/<pid>/stat` or
 /// `/proc/<pid>/task/<tid>/stat` line. The name is between the first `(` and the *last* `)`
 /// (it may itself contain parentheses); utime and stime are fields 14 and 15.
-fn parse_stat(line: &str) -> Option<(String, f64)> {
+pub(crate) fn parse_stat(line: &str) -> Option<(String, f64)> {
     let open = line.find('(')?;
     let close = line.rfind(')')?;
     let name = line.get(open + 1..close)?.to_string();

@@ -12,6 +12,10 @@
 //!   `qemu-storage-daemon` is installed.
 //! - `rdma`: the memory stream over RDMA against TCP and `ib_write_bw` between the same
 //!   two soft-RoCE devices (inside ../shared/rxe-vm: `bench/rxe`).
+//! - `qemu`: memory migration side by side with QEMU (a TCG guest, multifd, the same
+//!   streams and downtime limit) and a raw two-process TCP push; the convergence row and
+//!   the out-of-the-box pair (needs `qemu-system-x86_64` and a guest kernel).
+//! - `send-path`: zero-copy send (copy/zerocopy/auto), registered disk buffers, syscall batching.
 //! - `all`: memory, tracking and disk, with defaults.
 //! - `simulate`: the seeded simulation of the swap barrier (invariants, not A/B).
 //!
@@ -30,8 +34,11 @@ mod disk_migration;
 mod link;
 mod memory;
 mod qemu;
+mod qemu_memory;
+mod qmp;
 mod rdma;
 mod report;
+mod send_path;
 mod simulate;
 mod tracking;
 
@@ -62,10 +69,68 @@ enum Command {
     Disk(DiskArgs),
     /// Memory stream over RDMA vs TCP vs ib_write_bw (inside the rxe VM: bench/rxe).
     Rdma(RdmaArgs),
+    /// Memory migration side by side with QEMU (TCG guest, multifd) and a raw TCP push.
+    Qemu(QemuArgs),
+    /// Zero-copy send, registered disk buffers and syscall batching, each against its alternative.
+    SendPath(send_path::SendPathArgs),
     /// Memory, tracking and disk, with their defaults.
     All,
+    /// The raw TCP push's receiving process (started by `qemu`).
+    #[command(hide = true)]
+    RawReceive(RawReceiveArgs),
     /// The seeded simulation of the swap barrier: invariants over many seeds (not A/B).
     Simulate(simulate::SimulateArgs),
+}
+
+#[derive(Args, Debug)]
+struct QemuArgs {
+    /// Guest memory sizes (e.g. 1G,4G): the QEMU guest gets 256M + 1/16 more for its kernel.
+    #[arg(long, value_delimiter = ',', default_value = "1G,4G", value_parser = parse_size_arg)]
+    sizes: Vec<u64>,
+    /// Guest dirty rates in MB/s (MiB/s; 0 = idle guest).
+    #[arg(long, value_delimiter = ',', default_value = "0,50,200")]
+    rates: Vec<u64>,
+    /// ferry's data streams, QEMU's multifd channels and the raw push's streams.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    streams: u64,
+    /// ferry's downtime target and QEMU's downtime-limit.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    downtime_ms: u64,
+    /// Dirty rate of the convergence row, in MB/s.
+    #[arg(long, default_value_t = 1000)]
+    converge_rate: u64,
+    /// Guest size of the convergence row.
+    #[arg(long, default_value = "4G", value_parser = parse_size_arg)]
+    converge_size: u64,
+    /// Leave out the convergence row.
+    #[arg(long)]
+    skip_converge: bool,
+    /// Preallocate the QEMU destination's RAM in the tuned runs (off: pages are faulted in
+    /// as they land, like a ferry destination that allocates on write).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    qemu_prealloc: bool,
+    /// Leave out the out-of-the-box pair (QEMU defaults vs ferry without flags).
+    #[arg(long)]
+    skip_defaults: bool,
+    /// Dirty rate of the out-of-the-box pair, in MB/s (for every --sizes).
+    #[arg(long, default_value_t = 50)]
+    defaults_rate: u64,
+    /// Guest kernel (default: the rxe-vm's, from $RXE_VM_CACHE or /var/cache/rxe-vm).
+    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
+    /// QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long)]
+    qemu: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RawReceiveArgs {
+    /// Bytes to receive.
+    #[arg(long, value_parser = parse_size_arg)]
+    bytes: u64,
+    /// Streams to accept.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    streams: u64,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +258,14 @@ impl Default for DiskArgs {
     }
 }
 
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: on or off")),
+    }
+}
+
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
@@ -209,6 +282,8 @@ struct Results {
     disk: Option<disk::DiskResults>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rdma: Option<rdma::RdmaResults>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qemu: Option<qemu_memory::QemuMemoryResults>,
 }
 
 /// Where the numbers came from.
@@ -234,6 +309,10 @@ fn main() -> anyhow::Result<()> {
     // The simulation sets up its own logging (the faults it injects are not news).
     let command = match cli.command {
         Command::Simulate(args) => return simulate::run(args, cli.json),
+        // A child of `qemu`: prints only what its parent reads.
+        Command::RawReceive(args) => {
+            return qemu_memory::raw_receive(args.bytes, args.streams as usize)
+        }
         command => command,
     };
     // Engine warnings (a fail-back, a tracker fallback) matter when reading the numbers.
@@ -246,7 +325,12 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     let repeat = cli.repeat as usize;
+    let command = match command {
+        Command::SendPath(args) => return send_path::run(args, repeat, cli.json).map(drop),
+        command => command,
+    };
     let mut rdma_args = None;
+    let mut qemu_args = None;
     let (memory_args, tracking_args, disk_args) = match command {
         Command::Memory(m) => (Some(m), None, None),
         Command::Tracking(t) => (None, Some(t), None),
@@ -255,12 +339,18 @@ fn main() -> anyhow::Result<()> {
             rdma_args = Some(r);
             (None, None, None)
         }
+        Command::Qemu(q) => {
+            qemu_args = Some(q);
+            (None, None, None)
+        }
         Command::All => (
             Some(MemoryArgs::default()),
             Some(TrackingArgs::default()),
             Some(DiskArgs::default()),
         ),
-        Command::Simulate(_) => unreachable!("dispatched above"),
+        Command::Simulate(_) | Command::RawReceive(_) | Command::SendPath(_) => {
+            unreachable!("dispatched above")
+        }
     };
     if rdma_args.is_some() {
         if let Err(e) = rdma::check_environment() {
@@ -347,6 +437,35 @@ fn main() -> anyhow::Result<()> {
             rdma::print(&r);
         }
         results.rdma = Some(r);
+    }
+    if let Some(q) = qemu_args {
+        anyhow::ensure!(
+            !q.sizes.is_empty() && !q.rates.is_empty(),
+            "--sizes and --rates need at least one value each"
+        );
+        for &size in q.sizes.iter().chain([&q.converge_size]) {
+            anyhow::ensure!(
+                size >= 64 << 20 && size.is_multiple_of(1 << 20),
+                "sizes must be multiples of 1 MiB, at least 64M"
+            );
+        }
+        let config = qemu_memory::QemuMemoryConfig {
+            sizes_bytes: q.sizes,
+            rates_mib_per_s: q.rates,
+            streams: q.streams as usize,
+            downtime_ms: q.downtime_ms,
+            qemu_prealloc: q.qemu_prealloc,
+            converge: (!q.skip_converge).then_some((q.converge_size, q.converge_rate)),
+            defaults_rate_mib_per_s: (!q.skip_defaults).then_some(q.defaults_rate),
+            repeat,
+            kernel: q.kernel,
+            qemu: q.qemu,
+        };
+        let r = qemu_memory::run(&config).context("qemu benchmark")?;
+        if !cli.json {
+            qemu_memory::print(&r);
+        }
+        results.qemu = Some(r);
     }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -12,23 +12,22 @@
 //!
 //! CPU is the daemons' own (utime + stime of both, from `/proc/PID/stat`), next to ferry's
 //! process CPU over its disk-copy phase (source and destination alike). A daemon is killed
-//! whatever happens ([`Daemon`]'s drop).
+//! whatever happens ([`Daemon`]'s drop, in [`crate::qmp`]).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_dataplane::disk::{DirectIo, DiskImage, VirtualDisk};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cpu::process_seconds;
 use crate::disk::{self, DiskConfig};
 use crate::disk_migration::{self, compare_samples, CopySample, RemoveOnDrop};
+use crate::qmp::{free_port, on_path, qemu_path, Daemon, Qmp, COMMAND_TIMEOUT};
 use crate::report::{self, fixed, median, Table};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -38,10 +37,6 @@ const FERRY_CHUNK_BYTES: u32 = 1 << 20;
 const FERRY_QUEUE_DEPTH: u32 = 16;
 /// AIO engines tried for the source, best first.
 const AIO_MODES: [&str; 3] = ["io_uring", "native", "threads"];
-/// Bounds on the daemons' start, the mirror's end after cancel, and their exit.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The slowest mirror waited for: this rate, or a minute, whichever is longer.
 const MIRROR_RATE_MIN_BYTES_PER_S: u64 = 20 << 20;
 const JOB: &str = "ferry-bench-mirror";
@@ -81,15 +76,6 @@ pub struct QemuResults {
     pub medians: QemuMedians,
     pub qemu: Vec<QemuSample>,
     pub ferry: Vec<CopySample>,
-}
-
-/// `name` on PATH, if it is there.
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 pub fn run(
@@ -187,173 +173,6 @@ pub fn run(
     };
     results.ok = !good.is_empty() && good.len() == config.repeat;
     results
-}
-
-/// A daemon started by the benchmark; killed on drop if it is still running.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        Ok(Self { child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The last lines the daemon printed.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(3).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
-    }
-
-    /// Waits until `pidfile` exists (the daemon finished starting up) or the daemon exits.
-    fn wait_started(&mut self, pidfile: &Path) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("exited at start-up ({status}): {}", self.log_tail());
-            }
-            if pidfile.exists() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("not started after {START_TIMEOUT:?}: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within [`EXIT_TIMEOUT`].
-    fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SAFETY: kill takes no pointers; the pid is our child's, which has not been
-        // reaped (try_wait above saw it running), so the id is not reused.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A QMP connection: one JSON object per line; events that arrive while waiting for a
-/// command's answer are kept for [`Qmp::wait_event`].
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Self> {
-        let writer =
-            UnixStream::connect(path).with_context(|| format!("connecting {}", path.display()))?;
-        let mut qmp = Self {
-            reader: BufReader::new(writer.try_clone()?),
-            writer,
-            events: Vec::new(),
-        };
-        let greeting = qmp.read(Instant::now() + COMMAND_TIMEOUT)?;
-        anyhow::ensure!(
-            greeting.get("QMP").is_some(),
-            "not a QMP greeting: {greeting}"
-        );
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    fn read(&mut self, deadline: Instant) -> anyhow::Result<Value> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        anyhow::ensure!(!left.is_zero(), "timed out waiting for QMP");
-        self.reader.get_ref().set_read_timeout(Some(left))?;
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .context("reading from QMP")?;
-        anyhow::ensure!(n > 0, "QMP closed");
-        serde_json::from_str(&line).with_context(|| format!("bad QMP line {line:?}"))
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
-        line.push('\n');
-        self.writer.write_all(line.as_bytes())?;
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        loop {
-            let message = self.read(deadline)?;
-            if message.get("event").is_some() {
-                self.events.push(message);
-            } else if let Some(value) = message.get("return") {
-                return Ok(value.clone());
-            } else if let Some(error) = message.get("error") {
-                bail!("{command}: {}", error["desc"].as_str().unwrap_or("error"));
-            }
-        }
-    }
-
-    /// Waits for an event `pick` decides on: `Some(Ok)` ends the wait, `Some(Err)` fails it.
-    fn wait_event(
-        &mut self,
-        deadline: Instant,
-        mut pick: impl FnMut(&Value) -> Option<anyhow::Result<()>>,
-    ) -> anyhow::Result<()> {
-        for event in std::mem::take(&mut self.events) {
-            if let Some(result) = pick(&event) {
-                return result;
-            }
-        }
-        loop {
-            let message = self.read(deadline)?;
-            if message.get("event").is_some() {
-                if let Some(result) = pick(&message) {
-                    return result;
-                }
-            }
-        }
-    }
-}
-
-/// A loopback port free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A path as one value of a QEMU option list (commas doubled).
-fn qemu_path(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
 }
 
 /// One mirror of the whole image into a fresh file on tmpfs.

@@ -360,7 +360,10 @@ fn migration_between_two_agents() {
     );
     assert!(timeline["pause"]["end_ms"].as_f64() > timeline["pause"]["start_ms"].as_f64());
     let svg = std::fs::read_to_string(&plot).unwrap();
-    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg:.100}");
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{svg:.100}"
+    );
     assert!(svg.contains("pause") && svg.trim_end().ends_with("</svg>"));
 
     let (code, verify) = b.ferry(&["vm", "verify", "m"]);

@@ -10,7 +10,7 @@ use ferry_control::peer::{
 use ferry_dataplane::disk::DirectIo;
 use ferry_dataplane::engine::barrier::SwapOutcome;
 use ferry_dataplane::engine::protocol::{ToDestination, ToSource};
-use ferry_dataplane::engine::{MigrationParams, MigrationReport, Progress};
+use ferry_dataplane::engine::{MigrationParams, Progress};
 use ferry_dataplane::guest::reference::{
     state, DiskPattern, DiskSpec, NicState, Pattern, VcpuState, VmSpec, VmState,
 };
@@ -348,7 +348,7 @@ pub fn control_message() -> Vec<Seed> {
     add(
         "Response",
         "migrated",
-        msg(&Response::Migrated(MigrationReport::default())),
+        msg(&Response::Migrated(Box::default())),
     );
     add(
         "Response",

@@ -1,0 +1,350 @@
+//! The three tables of `ferry-bench qemu`, with what each column means under them.
+
+use super::{qemu_vm, PairMedians, PairRow, QemuMemoryResults, GIB};
+use crate::report::{self, fixed, Table};
+
+/// "ok", or which side failed how often, with the first error.
+fn status(row: &PairRow) -> String {
+    let failed_qemu: Vec<&str> = row.qemu.iter().filter_map(|s| s.error.as_deref()).collect();
+    let failed_ferry: Vec<&str> = row
+        .ferry
+        .iter()
+        .filter_map(|s| s.error.as_deref())
+        .collect();
+    if failed_qemu.is_empty() && failed_ferry.is_empty() {
+        return "ok".to_string();
+    }
+    let n = row.qemu.len();
+    let first = failed_qemu
+        .first()
+        .map(|e| format!("QEMU: {e}"))
+        .or_else(|| failed_ferry.first().map(|e| format!("ferry: {e}")))
+        .unwrap_or_default();
+    format!(
+        "FAILED (QEMU {}/{n} ok, ferry {}/{n} ok; {})",
+        n - failed_qemu.len(),
+        row.ferry.len() - failed_ferry.len(),
+        first.replace('|', "/")
+    )
+}
+
+/// `value` against a target: "met"/"NOT met", or "-" with nothing to compare.
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        None => "-",
+        Some(true) => "met",
+        Some(false) => "NOT met",
+    }
+}
+
+fn check(value: f64, good: impl Fn(f64) -> bool) -> Option<bool> {
+    value.is_finite().then(|| good(value))
+}
+
+pub fn print(r: &QemuMemoryResults) {
+    let gib = |b: f64| fixed(b / GIB, 2);
+    println!(
+        "## qemu 1: ferry vs QEMU multifd vs raw TCP push ({} streams / channels, downtime \
+         limit {} ms, QEMU under TCG, median of {})\n",
+        r.streams, r.downtime_ms, r.repeat
+    );
+    let mut t = Table::new(&[
+        "size",
+        "dirty MB/s",
+        "QEMU total ms",
+        "QEMU downtime ms",
+        "QEMU GiB/s",
+        "QEMU CPU s/GiB",
+        "ferry total ms",
+        "ferry same-state ms",
+        "ferry downtime ms",
+        "ferry GiB/s",
+        "ferry CPU s/GiB",
+        "rounds",
+        "throttle max %",
+        "raw GiB/s",
+        "raw CPU s/GiB",
+        "GiB/s ferry/QEMU",
+        "GiB/s ferry/raw",
+        "CPU ferry/QEMU",
+        "downtime ferry/QEMU",
+        "QEMU guest MiB/s",
+        "ferry guest MiB/s",
+        "verify",
+    ]);
+    for row in &r.rows {
+        let m = &row.medians;
+        t.row(vec![
+            report::size(row.size_bytes),
+            row.rate_mib_per_s.to_string(),
+            fixed(m.qemu_total_ms, 0),
+            format!(
+                "{} ({})",
+                fixed(m.qemu_downtime_ms, 1),
+                fixed(m.qemu_reported_downtime_ms, 0)
+            ),
+            gib(m.qemu_bytes_per_s),
+            fixed(m.qemu_cpu_s_per_gib, 2),
+            fixed(m.ferry_total_ms, 0),
+            fixed(m.ferry_same_state_ms, 0),
+            fixed(m.ferry_downtime_ms, 1),
+            gib(m.ferry_bytes_per_s),
+            format!(
+                "{} ({})",
+                fixed(m.ferry_same_state_cpu_s_per_gib, 2),
+                fixed(m.ferry_cpu_s_per_gib, 2)
+            ),
+            fixed(m.ferry_rounds, 0),
+            fixed(m.ferry_throttle_percent_max, 0),
+            gib(m.raw_bytes_per_s),
+            fixed(m.raw_cpu_s_per_gib, 2),
+            fixed(m.throughput_ratio, 2),
+            fixed(m.raw_ratio, 2),
+            fixed(m.cpu_ratio, 2),
+            fixed(m.downtime_ratio, 2),
+            format!(
+                "{}/{}",
+                fixed(m.qemu_guest_rate_before, 0),
+                fixed(m.qemu_guest_rate_during, 0)
+            ),
+            row.rate_mib_per_s.to_string(),
+            status(row),
+        ]);
+    }
+    print!("{}", t.render());
+    println!(
+        "\nQEMU: {}, `-accel tcg,thread=multi -smp 1 -m M+{}M+M/{}` (room for the guest's kernel), guest = bench/guest/dirty.c (M MiB of \
+         non-zero xorshift data, R MiB/s of 8-byte writes to uniformly random pages); \
+         capabilities multifd + auto-converge, multifd-channels = streams, downtime-limit as \
+         above, max-bandwidth 0 (= no rate limit since QEMU 8.1), destination RAM {}.\n\
+         ferry: two `ferry agent` processes on loopback, `ferry vm create --vcpus 1 \
+         --dirty-rate R --disk 0` (uniform pattern), `ferry migrate --streams N --downtime-ms D`, \
+         `ferry vm verify` on the destination.\n\
+         QEMU total: `migrate` to the destination's RESUME event; QEMU downtime: the source's \
+         STOP event to the destination's RESUME (host clock, what the guest sees), in brackets \
+         QEMU's own `downtime`, which ends on the source before the destination has loaded and \
+         resumed. ferry total: the report's total_ms (command to the destination's confirmed \
+         resume), which includes the destination's preparation: creating and allocating the \
+         VM's memory and pre-faulting it (prefault_ms counts the pre-fault only), overlapped \
+         with the source's trace (trace_ms). ferry same-state = total − (pre-copy start − \
+         trace): the migration with the destination already prepared, as QEMU's is (started \
+         with -incoming, RAM preallocated, before the clock): the ratios use it. (The JSON \
+         also has total − prefault + trace, which leaves the allocation in.)\n\
+         GiB/s: QEMU ram.transferred / (total-time − setup-time); ferry the report's bytes on \
+         the wire / time spent sending; raw: M bytes over N streams between two processes \
+         (write_all from faulted-in memory, read_exact into pre-faulted memory, TCP_NODELAY) \
+         from connected to the receiver's acknowledgement.\n\
+         CPU s/GiB: utime+stime of both QEMUs / both agents minus their vCPU threads (QEMU \
+         \"CPU 0/TCG\", ferry \"ferry-vcpu*\"), from the migrate command to the resume, per GiB \
+         on the wire; ferry's first figure leaves out the destination's CPU before pre-copy \
+         began (its pre-fault, if any; QEMU preallocates outside the clock), the bracketed one \
+         counts it. raw: sender + receiver process CPU.\n\
+         Ratios: median of per-run ratios (ferry / QEMU, ferry / raw of the same repetition). \
+         QEMU guest MiB/s: the guest's FERRY-RATE lines before / during the migration (TCG \
+         slows the writer while dirty tracking is on); ferry's reference VM is paced at R.\n",
+        r.qemu_version,
+        qemu_vm::HEADROOM_MIB,
+        qemu_vm::HEADROOM_DIVISOR,
+        if r.qemu_prealloc {
+            "`memory-backend-ram,prealloc=on` (preallocated before the clock starts)"
+        } else {
+            "`memory-backend-ram` without prealloc (--qemu-prealloc off: faulted in as pages land)"
+        },
+    );
+    // A ferry destination that allocates pages as they land has no pre-fault to take out:
+    // then "same state" holds only against a QEMU destination that is not preallocated.
+    let ferry_ok: Vec<_> = r
+        .rows
+        .iter()
+        .flat_map(|row| &row.ferry)
+        .filter(|s| s.error.is_none())
+        .collect();
+    if r.qemu_prealloc && !ferry_ok.is_empty() && ferry_ok.iter().all(|s| s.prefault_ms == 0.0) {
+        println!(
+            "NOTE: this ferry's destination did not pre-fault (prefault_ms = 0 in every run: it \
+             allocates pages as they land), so its same-state figure still pays for allocating \
+             every page and the destinations were NOT in the same state: QEMU's was preallocated \
+             outside the clock. `--qemu-prealloc off` compares like with like.\n"
+        );
+    }
+    let rows_ok: Vec<&PairMedians> = r.rows.iter().map(|row| &row.medians).collect();
+    let all = |f: &dyn Fn(&PairMedians) -> Option<bool>| -> Option<bool> {
+        let v: Vec<Option<bool>> = rows_ok.iter().map(|m| f(m)).collect();
+        if v.iter().all(Option::is_none) {
+            None
+        } else {
+            Some(v.iter().all(|x| x.unwrap_or(false)))
+        }
+    };
+    println!(
+        "Targets, every row: throughput >= 1.0 x QEMU: {}; >= 0.9 x raw push: {}; CPU s/GiB <= \
+         0.7 x QEMU: {}; downtime <= QEMU's: {}.\n",
+        verdict(all(&|m| check(m.throughput_ratio, |x| x >= 1.0))),
+        verdict(all(&|m| check(m.raw_ratio, |x| x >= 0.9))),
+        verdict(all(&|m| check(m.cpu_ratio, |x| x <= 0.7))),
+        verdict(all(&|m| check(m.downtime_ratio, |x| x <= 1.0))),
+    );
+
+    if let Some(row) = &r.converge {
+        let m = &row.medians;
+        println!(
+            "## qemu 2: convergence, {} at {} MB/s (QEMU multifd {} + auto-converge vs ferry \
+             --streams {}, downtime limit {} ms, median of {})\n",
+            report::size(row.size_bytes),
+            row.rate_mib_per_s,
+            r.streams,
+            r.streams,
+            r.downtime_ms,
+            r.repeat
+        );
+        let stop_reasons: Vec<&str> = row
+            .ferry
+            .iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| s.stop_reason.as_str())
+            .collect();
+        let mut t = Table::new(&[
+            "size",
+            "dirty MB/s",
+            "QEMU total ms",
+            "QEMU downtime ms",
+            "QEMU syncs",
+            "QEMU throttle max %",
+            "QEMU guest MiB/s",
+            "QEMU CPU s/GiB",
+            "ferry total ms",
+            "ferry same-state ms",
+            "ferry downtime ms",
+            "rounds",
+            "ferry throttle max %",
+            "stop reason",
+            "ferry CPU s/GiB",
+            "QEMU total / ferry same-state",
+            "verify",
+        ]);
+        t.row(vec![
+            report::size(row.size_bytes),
+            row.rate_mib_per_s.to_string(),
+            fixed(m.qemu_total_ms, 0),
+            format!(
+                "{} ({})",
+                fixed(m.qemu_downtime_ms, 1),
+                fixed(m.qemu_reported_downtime_ms, 0)
+            ),
+            fixed(m.qemu_dirty_sync_count, 0),
+            fixed(m.qemu_throttle_percent_max, 0),
+            format!(
+                "{}/{}",
+                fixed(m.qemu_guest_rate_before, 0),
+                fixed(m.qemu_guest_rate_during, 0)
+            ),
+            fixed(m.qemu_cpu_s_per_gib, 2),
+            fixed(m.ferry_total_ms, 0),
+            fixed(m.ferry_same_state_ms, 0),
+            fixed(m.ferry_downtime_ms, 1),
+            fixed(m.ferry_rounds, 0),
+            fixed(m.ferry_throttle_percent_max, 0),
+            if stop_reasons.is_empty() {
+                "-".to_string()
+            } else {
+                stop_reasons.join(",")
+            },
+            format!(
+                "{} ({})",
+                fixed(m.ferry_same_state_cpu_s_per_gib, 2),
+                fixed(m.ferry_cpu_s_per_gib, 2)
+            ),
+            fixed(m.total_ratio, 2),
+            status(row),
+        ]);
+        print!("{}", t.render());
+        println!(
+            "\nQEMU guest MiB/s: what the TCG guest achieved before / during the migration \
+             (it was asked for {} MiB/s). syncs: QEMU's dirty-sync-count. Target: ferry \
+             converges no slower than QEMU (ratio >= 1): {}.\n",
+            row.rate_mib_per_s,
+            verdict(check(m.total_ratio, |x| x >= 1.0)),
+        );
+    }
+
+    if !r.defaults.is_empty() {
+        println!(
+            "## qemu 3: out of the box: QEMU defaults vs `ferry migrate` with no flags (median \
+             of {})\n",
+            r.repeat
+        );
+        let mut t = Table::new(&[
+            "size",
+            "dirty MB/s",
+            "QEMU total ms",
+            "QEMU downtime ms",
+            "QEMU GiB/s",
+            "QEMU CPU s/GiB",
+            "ferry total ms",
+            "ferry downtime ms",
+            "ferry GiB/s",
+            "ferry CPU s/GiB",
+            "QEMU total / ferry total",
+            "verify",
+        ]);
+        for row in &r.defaults {
+            let m = &row.medians;
+            t.row(vec![
+                report::size(row.size_bytes),
+                row.rate_mib_per_s.to_string(),
+                fixed(m.qemu_total_ms, 0),
+                format!(
+                    "{} ({})",
+                    fixed(m.qemu_downtime_ms, 1),
+                    fixed(m.qemu_reported_downtime_ms, 0)
+                ),
+                gib(m.qemu_bytes_per_s),
+                fixed(m.qemu_cpu_s_per_gib, 2),
+                fixed(m.ferry_total_ms, 0),
+                fixed(m.ferry_downtime_ms, 1),
+                gib(m.ferry_bytes_per_s),
+                fixed(m.ferry_cpu_s_per_gib, 2),
+                fixed(m.total_ratio, 1),
+                status(row),
+            ]);
+        }
+        print!("{}", t.render());
+        let ratios: Vec<f64> = r
+            .defaults
+            .iter()
+            .map(|row| row.medians.total_ratio)
+            .collect();
+        println!(
+            "\nQEMU: no capability or parameter set (one stream, max-bandwidth 128 MiB/s, \
+             downtime-limit 300 ms), plain `-m` RAM on both sides (no preallocation). ferry: \
+             `ferry migrate NAME --to ADDR` (a pre-fault, if any, counted in time and CPU). Both end \
+             to end. Target: ferry >= 20 x faster: {}.\n",
+            verdict(if ratios.iter().all(|x| !x.is_finite()) {
+                None
+            } else {
+                Some(ratios.iter().all(|&x| x >= 20.0))
+            }),
+        );
+    }
+
+    let plots: Vec<String> = r
+        .rows
+        .iter()
+        .chain(&r.converge)
+        .chain(&r.defaults)
+        .flat_map(|row| &row.ferry)
+        .filter_map(|s| s.plot.as_ref())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if !plots.is_empty() {
+        println!(
+            "ferry timelines (SVG), in {}: {}.\n",
+            r.plots_dir.display(),
+            plots.join(", ")
+        );
+    }
+    println!(
+        "Whole run: {:.1} min (QEMU guests boot and fill under TCG outside the clock).\n",
+        r.elapsed_s / 60.0
+    );
+}
