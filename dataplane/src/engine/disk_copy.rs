@@ -157,13 +157,17 @@ impl DiskSession {
         self.mirrors
             .iter()
             .zip(&self.disks)
-            .map(|(mirror, disk)| DiskProgress {
-                bytes_total: disk.size(),
-                bytes_copied: (mirror.chunks_done() as u64 * mirror.chunk_bytes()).min(disk.size()),
-                rate_bytes_per_s: 0,
-                eta_ms: None,
-                mirrored_writes: mirror.stats().mirrored_writes,
-                mirrored_bytes: mirror.stats().mirrored_bytes,
+            .map(|(mirror, disk)| {
+                let stats = mirror.stats();
+                DiskProgress {
+                    bytes_total: disk.size(),
+                    bytes_copied: (mirror.chunks_done() as u64 * mirror.chunk_bytes())
+                        .min(disk.size()),
+                    rate_bytes_per_s: 0,
+                    eta_ms: None,
+                    mirrored_writes: stats.mirrored_writes,
+                    mirrored_bytes: stats.mirrored_bytes,
+                }
             })
             .collect()
     }

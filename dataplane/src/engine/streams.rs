@@ -47,17 +47,13 @@ pub struct StreamChoice {
 pub fn choose_streams(facts: &LinkFacts) -> StreamChoice {
     let cores = facts.transport_cores.max(1);
     let by_cores = (cores * STREAMS_PER_CORE).clamp(1, STREAMS_AUTO_MAX);
-    let per_stream = facts
-        .measured_stream_bytes_per_s
-        .filter(|r| r.is_finite() && *r > 0.0)
-        .unwrap_or(STREAM_BYTES_PER_S_DEFAULT);
-    let measured = if facts.measured_stream_bytes_per_s.is_some_and(|r| r > 0.0) {
-        "measured"
-    } else {
-        "assumed"
+    let usable = |r: &f64| r.is_finite() && *r > 0.0;
+    let (per_stream, measured) = match facts.measured_stream_bytes_per_s.filter(usable) {
+        Some(rate) => (rate, "measured"),
+        None => (STREAM_BYTES_PER_S_DEFAULT, "assumed"),
     };
     let core_reason = format!("{STREAMS_PER_CORE} per transport core × {cores}");
-    match facts.link_bytes_per_s.filter(|r| r.is_finite() && *r > 0.0) {
+    match facts.link_bytes_per_s.filter(usable) {
         Some(link) => {
             // Enough streams to fill the link, plus one for headroom, never more than the
             // cores can drive.
