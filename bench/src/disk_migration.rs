@@ -330,7 +330,6 @@ fn migrate_into(
                     SourceContext {
                         guest: &source,
                         tracker: &mut tracker,
-                        trace: None,
                         disk_link: Some(disk_source),
                         control: source_control,
                         transport,

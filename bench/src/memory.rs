@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_dataplane::engine::destination::{migrate_in, DestinationContext};
-use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
+use ferry_dataplane::engine::source::{migrate_out, SourceContext};
 use ferry_dataplane::engine::{MigrationParams, Phase, Progress};
 use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
@@ -309,14 +309,10 @@ fn migrate_into(
             let mut tracker = UffdWpTracker::new(Arc::clone(source.memory()))
                 .context("registering the uffd-wp tracker (this benchmark needs it)")?;
             let transport = Arc::new(TcpSource::new(source_data)?);
-            // In the agent the trace overlaps the destination's pre-fault; here it runs in
-            // the timed region, so total time and CPU include it.
-            let trace = trace(source, &mut tracker, &source_cancel)?;
             Ok(migrate_out(
                 SourceContext {
                     guest: source,
                     tracker: &mut tracker,
-                    trace: Some(trace),
                     disk_link: None,
                     control: source_control,
                     transport,

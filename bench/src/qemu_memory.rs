@@ -100,6 +100,8 @@ pub struct PairMedians {
     pub downtime_ratio: f64,
     /// QEMU total / ferry same-state total (tuned), or / ferry total (out of the box).
     pub total_ratio: f64,
+    /// QEMU total / ferry same-state total (in every table).
+    pub same_state_ratio: f64,
 }
 
 /// The raw push of one size, one sample per repetition.
@@ -395,13 +397,14 @@ fn pair(
             match &s.error {
                 None => format!(
                     "total {} ms (same-state {}; prefault {}, trace {}, pre-copy from {}), downtime {} ms, \
-                     {} GiB/s, {} CPU s/GiB (same-state {}), {} rounds, throttle {} %, {}",
+                     {} GiB/s (rounds {}), {} CPU s/GiB (same-state {}), {} rounds, throttle {} %, {}",
                     fixed(s.total_ms, 0),
                     fixed(s.same_state_ms, 0),
                     fixed(s.prefault_ms, 0),
                     fixed(s.trace_ms, 0),
                     fixed(s.precopy_start_ms, 0),
                     fixed(s.downtime_ms, 1),
+                    fixed(s.migration_bytes_per_s / GIB, 2),
                     fixed(s.bytes_per_s / GIB, 2),
                     fixed(s.cpu_s_per_gib, 2),
                     fixed(s.same_state_cpu_s_per_gib, 2),
@@ -457,7 +460,7 @@ fn medians(row: &PairRow, raw: Option<&[RawSample]>, out_of_the_box: bool) -> Pa
         ferry_total_ms: fe(|s| s.total_ms),
         ferry_same_state_ms: fe(|s| s.same_state_ms),
         ferry_downtime_ms: fe(|s| s.downtime_ms),
-        ferry_bytes_per_s: fe(|s| s.bytes_per_s),
+        ferry_bytes_per_s: fe(|s| s.migration_bytes_per_s),
         ferry_cpu_s_per_gib: fe(|s| s.cpu_s_per_gib),
         ferry_same_state_cpu_s_per_gib: fe(|s| s.same_state_cpu_s_per_gib),
         ferry_rounds: fe(|s| s.rounds as f64),
@@ -474,13 +477,13 @@ fn medians(row: &PairRow, raw: Option<&[RawSample]>, out_of_the_box: bool) -> Pa
                 .filter(|r| r.error.is_none())
                 .map(|r| r.cpu_s_per_gib),
         ),
-        throughput_ratio: ratio(&|q, f| f.bytes_per_s / q.bytes_per_s),
+        throughput_ratio: ratio(&|q, f| f.migration_bytes_per_s / q.bytes_per_s),
         raw_ratio: median(
             row.ferry
                 .iter()
                 .enumerate()
                 .filter(|(_, f)| f.error.is_none())
-                .filter_map(|(i, f)| raw_ok(i).map(|r| f.bytes_per_s / r.bytes_per_s)),
+                .filter_map(|(i, f)| raw_ok(i).map(|r| f.migration_bytes_per_s / r.bytes_per_s)),
         ),
         cpu_ratio: if out_of_the_box {
             ratio(&|q, f| f.cpu_s_per_gib / q.cpu_s_per_gib)
@@ -488,6 +491,7 @@ fn medians(row: &PairRow, raw: Option<&[RawSample]>, out_of_the_box: bool) -> Pa
             ratio(&|q, f| f.same_state_cpu_s_per_gib / q.cpu_s_per_gib)
         },
         downtime_ratio: ratio(&|q, f| f.downtime_ms / q.downtime_ms),
+        same_state_ratio: ratio(&|q, f| q.total_ms / f.same_state_ms),
         total_ratio: if out_of_the_box {
             ratio(&|q, f| q.total_ms / f.total_ms)
         } else {

@@ -55,8 +55,11 @@ pub struct FerrySample {
     /// pre-fault and trace included.
     pub precopy_start_ms: f64,
     pub bytes_sent: u64,
-    /// The report's throughput: bytes on the wire over the time spent sending.
+    /// The report's throughput: bytes on the wire over the time spent sending (the rounds).
     pub bytes_per_s: f64,
+    /// Bytes on the wire over the whole same-state migration (handshake, trace, rounds and
+    /// switch-over), the way QEMU's figure and the raw push's cover their whole transfer.
+    pub migration_bytes_per_s: f64,
     pub rounds: u32,
     pub throttle_percent_max: u8,
     /// Why pre-copy stopped ("converged", "rounds-max", "timeout").
@@ -336,6 +339,8 @@ fn run(
     sample.downtime_ms = report.downtime_ms;
     sample.bytes_sent = report.bytes_sent;
     sample.bytes_per_s = report.throughput_bytes_per_s;
+    sample.migration_bytes_per_s =
+        report.bytes_sent as f64 / (sample.same_state_ms / 1e3).max(1e-9);
     sample.rounds = report.rounds;
     sample.throttle_percent_max = report.throttle_percent_max;
     sample.stop_reason = report.converged.clone();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
+use ferry_dataplane::engine::source::{migrate_out, SourceContext};
 use ferry_dataplane::engine::{
     EngineError, MigrationParams, MigrationReport, Phase, Progress, RdmaReport, TransportChoice,
 };
@@ -17,7 +17,6 @@ use ferry_dataplane::guest::reference::ReferenceVm;
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::{FullTracker, UffdWpTracker};
 use ferry_dataplane::memory::{DirtyTracker, GuestMemory, TrackerError};
-use ferry_dataplane::numa::{self, ThreadRole};
 use ferry_dataplane::transport::rdma::link::device_for;
 use ferry_dataplane::transport::rdma::memory::RdmaCounters;
 use ferry_dataplane::transport::rdma::session::{connect_outgoing, OutgoingTransports};
@@ -252,57 +251,7 @@ fn migrate(
     info!(vm = %vm.spec().name, %to, session = format_args!("{session:#018x}"), streams, has_disk, "starting outgoing migration");
 
     let mut tracker = make_tracker(vm.memory())?;
-    let (connected, trace) = if has_disk {
-        // With a disk the phases are ordered: bulk copy, then the trace, then pre-copy (the
-        // dirty set must start when memory pre-copy does, not before a long disk copy).
-        // The engine traces after the copy.
-        (handshake(vm, to, session, epoch, request, cancel)?, None)
-    } else {
-        // The trace phase (arm the tracker, hash every page) runs while the destination
-        // prepares: it pre-faults its memory, which takes longer than hashing here.
-        let trace_stop = AtomicBool::new(false);
-        let (connected, traced) = std::thread::scope(|scope| {
-            let tracing = numa::spawn_scoped(scope, ThreadRole::Tracker, "ferry-trace", || {
-                trace(vm.as_ref(), tracker.as_mut(), &trace_stop)
-            })
-            .map_err(|source| OutgoingError::Socket {
-                op: "spawning the trace thread",
-                source,
-            });
-            let connected = handshake(vm, to, session, epoch, request, cancel);
-            if connected.is_err() {
-                trace_stop.store(true, Ordering::SeqCst);
-            }
-            let traced = match tracing {
-                Ok(handle) => {
-                    while !handle.is_finished() {
-                        if cancel.load(Ordering::SeqCst) {
-                            trace_stop.store(true, Ordering::SeqCst);
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    handle.join().unwrap_or_else(|_| {
-                        Err(EngineError::Protocol {
-                            reason: "the trace thread panicked".into(),
-                        })
-                    })
-                }
-                Err(e) => return (Err(e), Err(EngineError::Cancelled)),
-            };
-            (connected, traced)
-        });
-        let connected = connected?;
-        if cancel.load(Ordering::SeqCst) {
-            return Err(OutgoingError::Cancelled);
-        }
-        let trace = traced.map_err(OutgoingError::Engine)?;
-        info!(
-            trace_ms = trace.elapsed().as_secs_f64() * 1e3,
-            prefault_ms = connected.prefault_ms,
-            "trace phase overlapped the destination's preparation"
-        );
-        (connected, Some(trace))
-    };
+    let connected = handshake(vm, to, session, epoch, request, cancel)?;
     let Connected {
         control,
         data,
@@ -369,7 +318,6 @@ fn migrate(
     let ctx = SourceContext {
         guest: vm.as_ref(),
         tracker: tracker.as_mut(),
-        trace,
         disk_link,
         control,
         transport,

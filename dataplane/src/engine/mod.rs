@@ -323,8 +323,7 @@ pub struct MigrationReport {
     pub tracker: String,
     /// Time the destination spent pre-faulting its memory while preparing.
     pub prefault_ms: f64,
-    /// Time the source spent in the trace phase (arming the tracker, hashing every page),
-    /// which the agent overlaps with the destination's pre-fault.
+    /// Time the source spent in the trace phase (arming the tracker), right before round 0.
     #[serde(default)]
     pub trace_ms: f64,
     /// Highest vCPU throttle applied.

@@ -1,6 +1,6 @@
 //! One stream's share of a pre-copy round: walk the stream's blocks of the dirty set, turn
-//! runs of pages into frames (zero pages as markers), hash pages as they are sent (after
-//! round 0, which the trace phase hashed), and hand batches to the transport.
+//! runs of pages into frames (zero pages as markers), hash pages as they are sent, and hand
+//! batches to the transport.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -66,15 +66,10 @@ impl StreamSender<'_> {
             for (first, count) in pages.runs_in(start, end, BLOCK_PAGES) {
                 let mut delta = 0u64;
                 for page in first..first + count {
-                    let hash = if self.round == 0 {
-                        // Hashed by the trace phase, after tracking was armed.
-                        self.digest.hash_of(page)
-                    } else {
-                        // Hash as sent (see memory::digest for why a racing write is harmless).
-                        let hash = page_hash(self.memory.page(page));
-                        delta = delta.wrapping_add(self.digest.record(page, hash));
-                        hash
-                    };
+                    // Hashed as sent, right before the transport reads the same bytes
+                    // (see memory::digest for why a racing write is harmless).
+                    let hash = page_hash(self.memory.page(page));
+                    delta = delta.wrapping_add(self.digest.record(page, hash));
                     let zero = hash == ZERO_PAGE_HASH;
                     push_page(&mut frames, self.round, page as u64, zero);
                     if zero {

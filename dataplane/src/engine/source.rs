@@ -21,7 +21,7 @@ use super::pacer::Pacer;
 use super::protocol::{ControlChannel, ToDestination, ToSource, PROTOCOL_VERSION};
 use super::sender::{DoneOnDrop, RoundCounters, StreamSender, StreamSent};
 use super::timeline::{PauseSpan, RoundRecord, TimelineRecorder, TimelineSample};
-pub use super::trace::{trace, Trace};
+use super::trace::trace;
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::failpoint;
 use crate::guest::Guest;
@@ -39,12 +39,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Everything the source needs; the control plane fills it in after connecting.
 pub struct SourceContext<'a> {
     pub guest: &'a dyn Guest,
-    /// The guest's tracker: already started by [`trace`] when `trace` is `Some`.
+    /// The guest's tracker, not started yet: the engine arms it right before pre-copy's
+    /// round 0 (after the disks' bulk copy, as the phases require).
     pub tracker: &'a mut dyn DirtyTracker,
-    /// What [`trace`] returned for this guest and tracker, when the caller overlapped the
-    /// trace phase with the destination's preparation (a memory-only VM). `None`: the
-    /// engine traces after the disks' bulk copy, as the phases require.
-    pub trace: Option<Trace>,
     /// The disk links, when the guest has disks.
     pub disk_link: Option<Arc<dyn DiskSource>>,
     /// Control channel to the destination engine (already past the agents' handshake).
@@ -74,17 +71,6 @@ pub fn migrate_out(
 ) -> Result<MigrationReport, EngineError> {
     ctx.params.validate()?;
     let guest = ctx.guest;
-    if let Some(trace) = &ctx.trace {
-        if trace.traced_pages != guest.memory().pages() {
-            return Err(EngineError::BadParams {
-                reason: format!(
-                    "the trace covers {} pages, the guest has {}",
-                    trace.traced_pages,
-                    guest.memory().pages()
-                ),
-            });
-        }
-    }
     if !guest.disks().is_empty() && ctx.disk_link.is_none() {
         return Err(EngineError::BadParams {
             reason: "the guest has disks but the migration has no disk link".into(),
@@ -92,13 +78,9 @@ pub fn migrate_out(
     }
     let transport = Arc::clone(&ctx.transport);
     let mut control = ControlChannel::<ToSource>::new(ctx.control)?;
-    let trace_ms = ctx
-        .trace
-        .as_ref()
-        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0);
     let mut run = SourceRun {
         memory: Arc::clone(guest.memory()),
-        digest: ctx.trace.map(|t| t.digest),
+        digest: None,
         disk_link: ctx.disk_link,
         transport: Arc::clone(&transport),
         params: ctx.params,
@@ -109,7 +91,6 @@ pub fn migrate_out(
             streams: transport.streams(),
             tracker: ctx.tracker.name().to_string(),
             prefault_ms: ctx.prefault_ms,
-            trace_ms,
             ..Default::default()
         },
         progress: Progress::default(),
@@ -366,7 +347,7 @@ impl SourceRun<'_> {
         Ok(disks)
     }
 
-    /// Pre-copy (after tracing, if the caller did not) and the switch-over.
+    /// The trace phase, pre-copy and the switch-over.
     fn precopy_and_switch_over(
         &mut self,
         guest: &dyn Guest,
@@ -376,13 +357,11 @@ impl SourceRun<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<(), EngineError> {
         let pages = self.memory.pages() as u64;
-        if self.digest.is_none() {
-            self.progress.phase = Some(Phase::MemoryPreCopy);
-            self.emit(progress);
-            let traced = trace(guest, tracker, self.cancel)?;
-            self.report.trace_ms = traced.elapsed().as_secs_f64() * 1e3;
-            self.digest = Some(traced.digest);
-        }
+        self.progress.phase = Some(Phase::MemoryPreCopy);
+        self.emit(progress);
+        let traced = trace(guest, tracker)?;
+        self.report.trace_ms = traced.elapsed.as_secs_f64() * 1e3;
+        self.digest = Some(traced.digest);
         let precopy_started = Instant::now();
         let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
         let mut convergence = Convergence::default();

@@ -31,8 +31,11 @@
 //!
 //! Receiver: payload is read straight into guest memory, in 64 KiB pieces, each page hashed
 //! as soon as it is complete while the kernel's copy is still in cache; the last piece of a
-//! frame is read together with the next frame's header (one `readv`). No intermediate
-//! buffer.
+//! frame is read together with the next frame's header (one `readv`). After a small frame
+//! (the scattered dirty pages of later rounds) that read also takes up to 64 KiB more into
+//! a read-ahead buffer (`staging`), and the frames found there are copied into place from
+//! cache: single-page frames went from 1.6 to 2.1 GiB/s and from 1.18 to 0.90 CPU s/GiB
+//! (4 streams, 1 GiB, every other page), while 1 MiB frames still land with no copy.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -45,6 +48,7 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use send_zc::{Shape, Usage, ZcSender};
+use staging::{Staging, STAGING_BYTES};
 
 use super::ledger::{check_owner, Next, StreamLedger};
 use super::{spawn_receiver, DestinationTransport, ReceiveEvent, SourceTransport, TransportError};
@@ -52,11 +56,14 @@ use crate::memory::{page_hash, GuestMemory, MemoryDigest, PAGE_SIZE};
 use crate::wire::{Frame, FrameLimits, WireError, FRAME_HEADER_LEN};
 
 mod send_zc;
+mod staging;
 
 /// Payload bytes received per `readv`, then hashed while the kernel's copy is still in
 /// cache. Measured (1 GiB, 4 streams, ratio to raw TCP): whole frames 0.79, 16 KiB 0.83,
 /// 32 KiB 0.87–0.91, 64 KiB 0.88–0.94, 128 KiB 0.91.
 const RECEIVE_CHUNK: usize = 64 << 10;
+/// After a frame of at most this many pages a receiver reads ahead ([`Staging`]).
+const SMALL_FRAME_PAGES: usize = 4;
 /// iovecs per `writev` (below IOV_MAX = 1024).
 const IOVECS_PER_WRITE: usize = 512;
 
@@ -744,48 +751,75 @@ impl StreamReceiver {
             op: "receiving pages",
             source,
         };
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        let mut header_have = 0usize;
+        let mut staging = Staging::new();
+        // Read ahead past the next header: after small frames, which come in long runs.
+        let mut greedy = false;
         let mut ledger = StreamLedger::new(stream, self.streams);
         loop {
-            while header_have < FRAME_HEADER_LEN {
-                match socket.read(&mut header[header_have..]) {
+            while staging.len() < FRAME_HEADER_LEN {
+                let have = staging.len();
+                let want = if greedy {
+                    STAGING_BYTES
+                } else {
+                    FRAME_HEADER_LEN - have
+                };
+                match socket.read(staging.spare(want)) {
                     // A clean close between frames is how the source ends the migration.
-                    Ok(0) if header_have == 0 => return Ok(()),
+                    Ok(0) if staging.is_empty() => return Ok(()),
                     Ok(0) => {
                         return Err(wire(WireError::Truncated {
                             what: "frame header",
-                            got: header_have,
+                            got: have,
                             want: FRAME_HEADER_LEN,
                         }))
                     }
-                    Ok(n) => header_have += n,
+                    Ok(n) => staging.filled(n),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(io(e)),
                 }
             }
-            let frame = Frame::decode(&header, &self.limits).map_err(wire)?;
-            header_have = 0;
+            let frame =
+                Frame::decode(&staging.staged()[..FRAME_HEADER_LEN], &self.limits).map_err(wire)?;
+            staging.consume(FRAME_HEADER_LEN);
             ledger.admit(&frame)?;
             match frame {
                 Frame::Pages { first, count, .. } => {
                     let (first, count) = (first as usize, count as usize);
+                    greedy = count <= SMALL_FRAME_PAGES;
                     // SAFETY: check_owner proved these pages belong to this stream's blocks, and
                     // each stream has exactly one receiver thread, so no other reference to
                     // these pages exists while the slice lives; no vCPU runs on the destination
                     // before the switch-over.
                     let dst = unsafe { self.memory.pages_slice_mut(first, count) };
                     let want = dst.len();
-                    let mut got = 0usize;
-                    // Received in RECEIVE_CHUNK pieces, and each page hashed as soon as it is
+                    // What was read ahead first, copied from cache; then the rest straight
+                    // into place, in RECEIVE_CHUNK pieces, each page hashed as soon as it is
                     // complete, while the bytes the kernel just copied are still in cache
                     // (hashing a whole frame after its last byte read it back from DRAM).
+                    let mut got = staging.len().min(want);
+                    dst[..got].copy_from_slice(&staging.staged()[..got]);
+                    staging.consume(got);
                     let mut hashed = 0usize;
                     let mut delta = 0u64;
-                    while got < want {
+                    loop {
+                        while hashed < got / PAGE_SIZE {
+                            let bytes = &dst[hashed * PAGE_SIZE..(hashed + 1) * PAGE_SIZE];
+                            delta = delta
+                                .wrapping_add(self.digest.record(first + hashed, page_hash(bytes)));
+                            hashed += 1;
+                        }
+                        if got == want {
+                            break;
+                        }
+                        // The staged bytes were all payload, so the buffer is empty here: the
+                        // last piece also reads the next header (and more after a small frame).
                         let end = (got + RECEIVE_CHUNK).min(want);
                         let tail: &mut [u8] = if end == want {
-                            &mut header[header_have..]
+                            staging.spare(if greedy {
+                                STAGING_BYTES
+                            } else {
+                                FRAME_HEADER_LEN
+                            })
                         } else {
                             &mut []
                         };
@@ -799,18 +833,12 @@ impl StreamReceiver {
                                 }))
                             }
                             Ok(n) => {
-                                let into_payload = n.min(want - got);
+                                let into_payload = n.min(end - got);
                                 got += into_payload;
-                                header_have += n - into_payload;
+                                staging.filled(n - into_payload);
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                             Err(e) => return Err(io(e)),
-                        }
-                        while hashed < got / PAGE_SIZE {
-                            let bytes = &dst[hashed * PAGE_SIZE..(hashed + 1) * PAGE_SIZE];
-                            delta = delta
-                                .wrapping_add(self.digest.record(first + hashed, page_hash(bytes)));
-                            hashed += 1;
                         }
                     }
                     self.digest.apply(delta);
@@ -922,6 +950,7 @@ mod tests {
     struct Receiving {
         _destination: TcpDestination,
         memory: Arc<GuestMemory>,
+        digest: Arc<MemoryDigest>,
         events: Receiver<ReceiveEvent>,
     }
 
@@ -934,10 +963,13 @@ mod tests {
         let digest = Arc::new(MemoryDigest::new_zeroed(pages));
         let (tx, events) = crossbeam_channel::unbounded();
         let mut destination = TcpDestination::new(streams).unwrap();
-        destination.start(Arc::clone(&memory), digest, tx).unwrap();
+        destination
+            .start(Arc::clone(&memory), Arc::clone(&digest), tx)
+            .unwrap();
         Receiving {
             _destination: destination,
             memory,
+            digest,
             events,
         }
     }
@@ -957,13 +989,17 @@ mod tests {
             }
         }
 
+        /// Every page equal, and the receivers' digest equal to the source memory's.
         fn assert_same_as(&self, source: &GuestMemory) {
+            let expected = MemoryDigest::new_zeroed(source.pages());
             for p in 0..source.pages() {
                 assert!(
                     self.memory.page(p) == source.page(p),
                     "page {p} differs at the destination"
                 );
+                expected.record_now(p, page_hash(source.page(p)));
             }
+            assert_eq!(self.digest.value(), expected.value(), "digests differ");
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferry_dataplane::disk::{DirectIo, DiskImage, VirtualDisk};
 use ferry_dataplane::engine::destination::{migrate_in, DestinationContext, IncomingReport};
-use ferry_dataplane::engine::source::{migrate_out, trace, SourceContext};
+use ferry_dataplane::engine::source::{migrate_out, SourceContext};
 use ferry_dataplane::engine::{EngineError, MigrationParams, MigrationReport, Progress};
 use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec};
 use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
@@ -307,29 +307,21 @@ pub fn migrate_with(
                 journal: &ferry_dataplane::engine::barrier::VolatileJournal,
             })
         });
-        let traced = if has_disks {
-            Ok(None)
-        } else {
-            trace(vm, tracker, cancel).map(Some)
-        };
-        let source = traced.and_then(|trace| {
-            migrate_out(
-                SourceContext {
-                    guest: vm,
-                    tracker,
-                    trace,
-                    disk_link,
-                    control: source_control,
-                    transport,
-                    params: &params,
-                    started: Instant::now(),
-                    prefault_ms: incoming.prefault_ms(),
-                    cancel,
-                    journal: &ferry_dataplane::engine::barrier::VolatileJournal,
-                },
-                &mut *on_progress,
-            )
-        });
+        let source = migrate_out(
+            SourceContext {
+                guest: vm,
+                tracker,
+                disk_link,
+                control: source_control,
+                transport,
+                params: &params,
+                started: Instant::now(),
+                prefault_ms: incoming.prefault_ms(),
+                cancel,
+                journal: &ferry_dataplane::engine::barrier::VolatileJournal,
+            },
+            &mut *on_progress,
+        );
         Outcome {
             source,
             destination: destination.join().unwrap(),
