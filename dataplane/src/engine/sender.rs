@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::pacer::Pacer;
 use super::EngineError;
-use crate::memory::{page_hash, DirtyBitmap, GuestMemory, MemoryDigest, PAGE_SIZE, ZERO_PAGE_HASH};
+use crate::memory::{
+    page_hash, DirtyBitmap, GuestMemory, MemoryDigest, PageArmer, PAGE_SIZE, ZERO_PAGE_HASH,
+};
 use crate::transport::{SourceTransport, TransportError, BLOCK_PAGES};
 use crate::wire::{Frame, FRAME_HEADER_LEN};
 
@@ -43,6 +45,8 @@ pub(super) struct StreamSender<'a> {
     pub(super) round: u32,
     pub(super) memory: &'a GuestMemory,
     pub(super) digest: &'a MemoryDigest,
+    /// Round 0 only: arms each block of the tracker before its pages are read.
+    pub(super) armer: Option<&'a dyn PageArmer>,
     pub(super) transport: &'a dyn SourceTransport,
     pub(super) pacer: &'a Pacer,
     pub(super) counters: &'a RoundCounters,
@@ -63,6 +67,11 @@ impl StreamSender<'_> {
         for block in (self.stream..blocks).step_by(self.streams) {
             let start = block * BLOCK_PAGES;
             let end = (start + BLOCK_PAGES).min(total_pages);
+            if let Some(armer) = self.armer {
+                // Before any page of the block is read: a write from now on is tracked, a
+                // write before it is in the bytes read below.
+                armer.arm(start, end - start)?;
+            }
             for (first, count) in pages.runs_in(start, end, BLOCK_PAGES) {
                 let mut delta = 0u64;
                 for page in first..first + count {

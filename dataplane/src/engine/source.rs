@@ -25,7 +25,7 @@ use super::trace::trace;
 use super::{EngineError, MigrationParams, MigrationReport, Phase, Progress};
 use crate::failpoint;
 use crate::guest::Guest;
-use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PAGE_SIZE};
+use crate::memory::{DirtyBitmap, DirtyTracker, GuestMemory, MemoryDigest, PageArmer, PAGE_SIZE};
 use crate::numa::{self, ThreadRole};
 use crate::transport::{DiskSource, SourceTransport};
 
@@ -81,6 +81,7 @@ pub fn migrate_out(
     let mut run = SourceRun {
         memory: Arc::clone(guest.memory()),
         digest: None,
+        armer: None,
         disk_link: ctx.disk_link,
         transport: Arc::clone(&transport),
         params: ctx.params,
@@ -176,6 +177,8 @@ struct SourceRun<'a> {
     memory: Arc<GuestMemory>,
     /// Set by the trace phase (before the first round).
     digest: Option<MemoryDigest>,
+    /// Arms each block as round 0 reaches it; set by the trace phase, dropped after round 0.
+    armer: Option<Arc<dyn PageArmer>>,
     disk_link: Option<Arc<dyn DiskSource>>,
     transport: Arc<dyn SourceTransport>,
     params: &'a MigrationParams,
@@ -362,6 +365,7 @@ impl SourceRun<'_> {
         let traced = trace(guest, tracker)?;
         self.report.trace_ms = traced.elapsed.as_secs_f64() * 1e3;
         self.digest = Some(traced.digest);
+        self.armer = Some(traced.armer);
         let precopy_started = Instant::now();
         let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
         let mut convergence = Convergence::default();
@@ -380,6 +384,8 @@ impl SourceRun<'_> {
                 self.send_round_or_put_back(tracker, &to_send, round, &pacer, None, progress)?;
             self.report.rounds = round + 1;
             if round == 0 {
+                // Every page is armed now.
+                self.armer = None;
                 self.failpoint("source-precopy-round")?;
             }
             // Collect (and re-arm) before deciding: these pages are what the next round, or
@@ -678,6 +684,7 @@ impl SourceRun<'_> {
         let SourceRun {
             memory,
             digest,
+            armer,
             transport,
             report,
             progress: snapshot,
@@ -685,6 +692,7 @@ impl SourceRun<'_> {
             timeline,
             ..
         } = self;
+        let armer = armer.as_deref().filter(|_| round == 0);
         let digest = digest
             .as_ref()
             .expect("the trace phase sets the digest before the first round");
@@ -699,6 +707,7 @@ impl SourceRun<'_> {
                         round,
                         memory,
                         digest,
+                        armer,
                         transport,
                         pacer,
                         counters: &counters,

@@ -17,4 +17,4 @@ pub mod uffd;
 pub use bitmap::DirtyBitmap;
 pub use digest::{page_hash, MemoryDigest, ZERO_PAGE_HASH};
 pub use region::{GuestMemory, MemoryError, PAGE_SIZE};
-pub use tracker::{DirtyTracker, TrackerError};
+pub use tracker::{DirtyTracker, PageArmer, TrackerError};

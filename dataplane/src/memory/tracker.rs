@@ -89,6 +89,16 @@ pub enum TrackerError {
 pub trait DirtyTracker: Send {
     /// Begins tracking: from now on every write to guest memory is recorded. Called once, before round 0.
     fn start(&mut self) -> Result<(), TrackerError>;
+    /// Begins tracking with no page armed yet, instead of [`DirtyTracker::start`]: the caller
+    /// arms each range with the returned [`PageArmer`] before it reads it, and must arm
+    /// every page before the first collect (a page never armed is reported written).
+    ///
+    /// Round 0 arms each block just before sending it. A write that lands before a block is
+    /// armed is in the bytes round 0 reads after arming; a write after it is tracked. So a
+    /// page written early in round 0, before round 0 reached it, is not sent again in
+    /// round 1, as it would be with everything armed up front (about half of round 1 on a
+    /// uniformly dirtying guest).
+    fn start_deferred(&mut self) -> Result<Arc<dyn PageArmer>, TrackerError>;
     /// Returns the pages written since the previous collect (or start) and re-arms tracking on them,
     /// such that a write that lands after a page was collected shows up in the NEXT collection.
     /// Also returns (and clears) anything put back with put_back.
@@ -98,6 +108,55 @@ pub trait DirtyTracker: Send {
     fn put_back(&mut self, pages: &DirtyBitmap);
     /// Short name for logs and reports, e.g. "uffd-wp-async".
     fn name(&self) -> &'static str;
+}
+
+/// Arms tracking of page ranges after [`DirtyTracker::start_deferred`]. Shared by the
+/// sending threads; each arms its own ranges.
+pub trait PageArmer: Send + Sync {
+    /// From now on every write to pages `first..first + count` is recorded.
+    fn arm(&self, first: usize, count: usize) -> Result<(), TrackerError>;
+}
+
+/// The armer of a tracker that needs no arming ([`FullTracker`]).
+struct NothingToArm;
+
+impl PageArmer for NothingToArm {
+    fn arm(&self, _first: usize, _count: usize) -> Result<(), TrackerError> {
+        Ok(())
+    }
+}
+
+/// Write-protects ranges of a [`UffdWpTracker`]'s registered guest memory.
+struct UffdArmer {
+    uffd: Arc<Userfaultfd>,
+    /// The registered range: the whole guest mapping.
+    range: UffdioRange,
+}
+
+impl PageArmer for UffdArmer {
+    fn arm(&self, first: usize, count: usize) -> Result<(), TrackerError> {
+        let pages = self.range.len / PAGE_SIZE as u64;
+        let end = first.checked_add(count).map(|e| e as u64);
+        if end.is_none_or(|end| end > pages) {
+            return Err(TrackerError::Syscall {
+                op: "UFFDIO_WRITEPROTECT",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("pages {first}..+{count} outside the {pages} tracked pages"),
+                ),
+            });
+        }
+        let range = UffdioRange {
+            start: self.range.start + (first * PAGE_SIZE) as u64,
+            len: (count * PAGE_SIZE) as u64,
+        };
+        self.uffd
+            .write_protect(range, UFFDIO_WRITEPROTECT_MODE_WP)
+            .map_err(|source| TrackerError::Syscall {
+                op: "UFFDIO_WRITEPROTECT",
+                source,
+            })
+    }
 }
 
 /// Checks, once per process, that this host can run [`UffdWpTracker`]: a userfaultfd can
@@ -189,7 +248,7 @@ pub struct ScanStats {
 /// as it is registered. Only one tracker can exist per guest memory at a time (the kernel
 /// allows one userfaultfd per range).
 pub struct UffdWpTracker {
-    uffd: Userfaultfd,
+    uffd: Arc<Userfaultfd>,
     pagemap: Pagemap,
     /// The whole guest mapping, as registered.
     range: UffdioRange,
@@ -290,7 +349,7 @@ impl UffdWpTracker {
             "guest memory registered for asynchronous write-protection"
         );
         Ok(Self {
-            uffd,
+            uffd: Arc::new(uffd),
             pagemap,
             range,
             regions: vec![PageRegion::default(); regions_per_scan],
@@ -409,6 +468,17 @@ impl DirtyTracker for UffdWpTracker {
         Ok(())
     }
 
+    fn start_deferred(&mut self) -> Result<Arc<dyn PageArmer>, TrackerError> {
+        if self.started {
+            return Err(TrackerError::AlreadyStarted);
+        }
+        self.started = true;
+        Ok(Arc::new(UffdArmer {
+            uffd: Arc::clone(&self.uffd),
+            range: self.range,
+        }))
+    }
+
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
         if !self.started {
             return Err(TrackerError::NotStarted);
@@ -486,6 +556,11 @@ impl DirtyTracker for FullTracker {
         }
         self.started = true;
         Ok(())
+    }
+
+    fn start_deferred(&mut self) -> Result<Arc<dyn PageArmer>, TrackerError> {
+        self.start()?;
+        Ok(Arc::new(NothingToArm))
     }
 
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
@@ -573,6 +648,57 @@ mod tests {
         assert_eq!(pages_of(&tracker.collect().unwrap()), vec![5]);
         assert!(tracker.collect().unwrap().is_empty());
         assert_eq!(tracker.name(), "uffd-wp-async");
+    }
+
+    #[test]
+    fn deferred_start_tracks_a_range_from_its_arming_on() {
+        require_wp_async!("deferred_start_tracks_a_range_from_its_arming_on");
+        let memory = guest(2 << 20);
+        let pages = memory.pages();
+        let half = pages / 2;
+        memory.write_byte(5 * PAGE_SIZE as u64, 1);
+        let mut tracker = UffdWpTracker::new(Arc::clone(&memory)).unwrap();
+        let armer = tracker.start_deferred().unwrap();
+        assert!(matches!(
+            tracker.start_deferred(),
+            Err(TrackerError::AlreadyStarted)
+        ));
+        armer.arm(0, half).unwrap();
+        // Written after the first half was armed: seen. Written before the second half is
+        // armed: not seen once it is (the caller reads those bytes after arming).
+        memory.write_byte(3 * PAGE_SIZE as u64, 1);
+        memory.write_byte((half + 7) as u64 * PAGE_SIZE as u64, 1);
+        armer.arm(half, pages - half).unwrap();
+        memory.write_byte((half + 9) as u64 * PAGE_SIZE as u64, 1);
+        assert_eq!(pages_of(&tracker.collect().unwrap()), vec![3, half + 9]);
+        assert!(tracker.collect().unwrap().is_empty());
+        // Ranges outside the guest are refused, not clamped.
+        assert!(armer.arm(pages - 1, 2).is_err());
+        assert!(armer.arm(usize::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn a_range_never_armed_is_reported_written() {
+        require_wp_async!("a_range_never_armed_is_reported_written");
+        let memory = guest(1 << 20);
+        let pages = memory.pages();
+        let mut tracker = UffdWpTracker::new(Arc::clone(&memory)).unwrap();
+        let armer = tracker.start_deferred().unwrap();
+        armer.arm(0, pages - 4).unwrap();
+        assert_eq!(
+            pages_of(&tracker.collect().unwrap()),
+            (pages - 4..pages).collect::<Vec<_>>()
+        );
+        // The collect armed them.
+        assert!(tracker.collect().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_full_tracker_needs_no_arming() {
+        let mut tracker = FullTracker::new(8);
+        let armer = tracker.start_deferred().unwrap();
+        armer.arm(0, 8).unwrap();
+        assert_eq!(tracker.collect().unwrap().count(), 8);
     }
 
     #[test]

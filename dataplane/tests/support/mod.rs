@@ -15,7 +15,7 @@ use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec};
 use ferry_dataplane::guest::reference::{Pattern, ReferenceVm, VmSpec};
 use ferry_dataplane::guest::Guest;
 use ferry_dataplane::memory::tracker::UffdWpTracker;
-use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, TrackerError};
+use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory, PageArmer, TrackerError};
 use ferry_dataplane::transport::rdma::link::UnauthenticatedLanes;
 use ferry_dataplane::transport::rdma::memory::RdmaSource;
 use ferry_dataplane::transport::rdma::session::{
@@ -447,6 +447,9 @@ impl<T: DirtyTracker> HookedTracker<T> {
 impl<T: DirtyTracker> DirtyTracker for HookedTracker<T> {
     fn start(&mut self) -> Result<(), TrackerError> {
         self.inner.start()
+    }
+    fn start_deferred(&mut self) -> Result<Arc<dyn PageArmer>, TrackerError> {
+        self.inner.start_deferred()
     }
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
         let set = self.inner.collect()?;
