@@ -371,6 +371,9 @@ impl SourceRun<'_> {
         let mut convergence = Convergence::default();
         let mut round = 0u32;
         let mut to_send = DirtyBitmap::full(pages as usize);
+        // When the pages of the next collection began to be written: tracking's start, then
+        // each collection.
+        let mut last_collect = Instant::now();
         self.progress.phase = Some(Phase::MemoryPreCopy);
         let stop_reason = loop {
             if self.cancelled() {
@@ -391,9 +394,13 @@ impl SourceRun<'_> {
             // Collect (and re-arm) before deciding: these pages are what the next round, or
             // the switch-over, must send.
             to_send = tracker.collect()?;
+            let collected = Instant::now();
+            let since_collect = collected.duration_since(last_collect);
+            last_collect = collected;
             let dirty_bytes = to_send.count() as u64 * PAGE_SIZE as u64;
             let measurement = RoundMeasurement {
                 round,
+                since_collect_ms: since_collect.as_secs_f64() * 1000.0,
                 round_bytes: to_send_pages * PAGE_SIZE as u64,
                 dirty_bytes,
                 bandwidth_bytes_per_s: sent.bytes as f64 / sent.elapsed.as_secs_f64().max(1e-6),
