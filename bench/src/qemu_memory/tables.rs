@@ -75,11 +75,8 @@ pub fn print(r: &QemuMemoryResults) {
     for row in &r.rows {
         let m = &row.medians;
         let mut cells = qemu_cells(row);
+        cells.extend(ferry_cells(m));
         cells.extend([
-            fixed(m.ferry_total_ms, 0),
-            fixed(m.ferry_same_state_ms, 0),
-            fixed(m.ferry_downtime_ms, 1),
-            gib(m.ferry_bytes_per_s),
             format!(
                 "{} ({})",
                 fixed(m.ferry_same_state_cpu_s_per_gib, 2),
@@ -284,11 +281,8 @@ pub fn print(r: &QemuMemoryResults) {
         for row in &r.defaults {
             let m = &row.medians;
             let mut cells = qemu_cells(row);
+            cells.extend(ferry_cells(m));
             cells.extend([
-                fixed(m.ferry_total_ms, 0),
-                fixed(m.ferry_same_state_ms, 0),
-                fixed(m.ferry_downtime_ms, 1),
-                gib(m.ferry_bytes_per_s),
                 fixed(m.ferry_cpu_s_per_gib, 2),
                 fixed(m.total_ratio, 1),
                 fixed(m.same_state_ratio, 1),
@@ -358,6 +352,16 @@ fn qemu_cells(row: &PairRow) -> Vec<String> {
         ),
         fixed(m.qemu_bytes_per_s / GIB, 2),
         fixed(m.qemu_cpu_s_per_gib, 2),
+    ]
+}
+
+/// ferry's total, same-state, downtime and GiB/s cells, the same in every pair table.
+fn ferry_cells(m: &PairMedians) -> [String; 4] {
+    [
+        fixed(m.ferry_total_ms, 0),
+        fixed(m.ferry_same_state_ms, 0),
+        fixed(m.ferry_downtime_ms, 1),
+        fixed(m.ferry_bytes_per_s / GIB, 2),
     ]
 }
 
