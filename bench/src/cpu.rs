@@ -77,28 +77,30 @@ pub fn process_seconds(pid: u32) -> Option<f64> {
     parse_stat(&line).map(|(_, s)| s)
 }
 
+/// Each thread of a process (`/proc/PID/task`, or `self`) whose stat could be read: its
+/// id, name and CPU seconds. A thread that ended between the listing and the read is left
+/// out.
+pub fn threads_of(pid: &str) -> Vec<(u32, String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse::<u32>().ok()?;
+            let line = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (name, seconds) = parse_stat(&line)?;
+            Some((tid, name, seconds))
+        })
+        .collect()
+}
+
 /// CPU seconds of every thread of this process, by thread id, with the thread's name.
 pub fn thread_seconds() -> std::collections::BTreeMap<u32, (String, f64)> {
-    let mut threads = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return threads;
-    };
-    for task in tasks.flatten() {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A thread that ended between the listing and the read is simply left out.
-        if let Ok(line) = std::fs::read_to_string(task.path().join("stat")) {
-            if let Some(entry) = parse_stat(&line) {
-                threads.insert(tid, entry);
-            }
-        }
-    }
-    threads
+    threads_of("self")
+        .into_iter()
+        .map(|(tid, name, seconds)| (tid, (name, seconds)))
+        .collect()
 }
 
 /// CPU seconds each thread name spent between two [`thread_seconds`] snapshots (threads

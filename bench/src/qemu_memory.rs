@@ -447,6 +447,14 @@ fn medians(row: &PairRow, raw: Option<&[RawSample]>, out_of_the_box: bool) -> Pa
         median(pairs.iter().map(|(q, fe, _)| f(q, fe)))
     };
     let raw_ok = |i: usize| raw.and_then(|r| r.get(i)).filter(|r| r.error.is_none());
+    let raw_median = |f: fn(&RawSample) -> f64| {
+        median(
+            raw.unwrap_or_default()
+                .iter()
+                .filter(|r| r.error.is_none())
+                .map(f),
+        )
+    };
     PairMedians {
         qemu_total_ms: q(|s| s.total_ms),
         qemu_downtime_ms: q(|s| s.downtime_ms),
@@ -465,18 +473,8 @@ fn medians(row: &PairRow, raw: Option<&[RawSample]>, out_of_the_box: bool) -> Pa
         ferry_same_state_cpu_s_per_gib: fe(|s| s.same_state_cpu_s_per_gib),
         ferry_rounds: fe(|s| s.rounds as f64),
         ferry_throttle_percent_max: fe(|s| s.throttle_percent_max as f64),
-        raw_bytes_per_s: median(
-            raw.unwrap_or_default()
-                .iter()
-                .filter(|r| r.error.is_none())
-                .map(|r| r.bytes_per_s),
-        ),
-        raw_cpu_s_per_gib: median(
-            raw.unwrap_or_default()
-                .iter()
-                .filter(|r| r.error.is_none())
-                .map(|r| r.cpu_s_per_gib),
-        ),
+        raw_bytes_per_s: raw_median(|r| r.bytes_per_s),
+        raw_cpu_s_per_gib: raw_median(|r| r.cpu_s_per_gib),
         throughput_ratio: ratio(&|q, f| f.migration_bytes_per_s / q.bytes_per_s),
         raw_ratio: median(
             row.ferry

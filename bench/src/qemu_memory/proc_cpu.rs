@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cpu::{parse_stat, process_seconds};
+use crate::cpu::{process_seconds, threads_of};
 
 /// Tells a process's vCPU threads by name.
 pub type IsVcpu = fn(&str) -> bool;
@@ -57,27 +57,10 @@ impl Watched {
     /// Reads the vCPU threads; `initial`: threads present now count from their current
     /// figure, later ones from zero.
     fn poll_threads(&mut self, initial: bool) {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
-            return;
-        };
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for (tid, name, seconds) in threads_of(&self.pid.to_string()) {
             if self.others.contains(&tid) {
                 continue;
             }
-            // A thread that ended between the listing and the read keeps its last figure.
-            let Ok(line) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            let Some((name, seconds)) = parse_stat(&line) else {
-                continue;
-            };
             if !(self.is_vcpu)(&name) {
                 self.others.insert(tid);
                 continue;
@@ -197,6 +180,7 @@ pub fn is_ferry_vcpu(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::parse_stat;
 
     #[test]
     fn stat_names_with_spaces_slashes_and_parentheses() {

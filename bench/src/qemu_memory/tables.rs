@@ -48,30 +48,26 @@ pub fn print(r: &QemuMemoryResults) {
          limit {} ms, QEMU under TCG, median of {})\n",
         r.streams, r.downtime_ms, r.repeat
     );
-    let mut t = Table::new(&[
-        "size",
-        "dirty MB/s",
-        "QEMU total ms",
-        "QEMU downtime ms",
-        "QEMU GiB/s",
-        "QEMU CPU s/GiB",
-        "ferry total ms",
-        "ferry same-state ms",
-        "ferry downtime ms",
-        "ferry GiB/s",
-        "ferry CPU s/GiB",
-        "rounds",
-        "throttle max %",
-        "raw GiB/s",
-        "raw CPU s/GiB",
-        "GiB/s ferry/QEMU",
-        "GiB/s ferry/raw",
-        "CPU ferry/QEMU",
-        "downtime ferry/QEMU",
-        "QEMU guest MiB/s",
-        "ferry guest MiB/s",
-        "verify",
-    ]);
+    let mut t = Table::new(
+        &[
+            PAIR_HEAD.as_slice(),
+            &[
+                "ferry CPU s/GiB",
+                "rounds",
+                "throttle max %",
+                "raw GiB/s",
+                "raw CPU s/GiB",
+                "GiB/s ferry/QEMU",
+                "GiB/s ferry/raw",
+                "CPU ferry/QEMU",
+                "downtime ferry/QEMU",
+                "QEMU guest MiB/s",
+                "ferry guest MiB/s",
+                "verify",
+            ],
+        ]
+        .concat(),
+    );
     for row in &r.rows {
         let m = &row.medians;
         let mut cells = qemu_cells(row);
@@ -262,22 +258,18 @@ pub fn print(r: &QemuMemoryResults) {
              of {})\n",
             r.repeat
         );
-        let mut t = Table::new(&[
-            "size",
-            "dirty MB/s",
-            "QEMU total ms",
-            "QEMU downtime ms",
-            "QEMU GiB/s",
-            "QEMU CPU s/GiB",
-            "ferry total ms",
-            "ferry same-state ms",
-            "ferry downtime ms",
-            "ferry GiB/s",
-            "ferry CPU s/GiB",
-            "QEMU total / ferry total",
-            "QEMU total / ferry same-state",
-            "verify",
-        ]);
+        let mut t = Table::new(
+            &[
+                PAIR_HEAD.as_slice(),
+                &[
+                    "ferry CPU s/GiB",
+                    "QEMU total / ferry total",
+                    "QEMU total / ferry same-state",
+                    "verify",
+                ],
+            ]
+            .concat(),
+        );
         for row in &r.defaults {
             let m = &row.medians;
             let mut cells = qemu_cells(row);
@@ -354,6 +346,20 @@ fn qemu_cells(row: &PairRow) -> Vec<String> {
         fixed(m.qemu_cpu_s_per_gib, 2),
     ]
 }
+
+/// The columns [`qemu_cells`] and [`ferry_cells`] fill, at the head of every pair table.
+const PAIR_HEAD: [&str; 10] = [
+    "size",
+    "dirty MB/s",
+    "QEMU total ms",
+    "QEMU downtime ms",
+    "QEMU GiB/s",
+    "QEMU CPU s/GiB",
+    "ferry total ms",
+    "ferry same-state ms",
+    "ferry downtime ms",
+    "ferry GiB/s",
+];
 
 /// ferry's total, same-state, downtime and GiB/s cells, the same in every pair table.
 fn ferry_cells(m: &PairMedians) -> [String; 4] {
