@@ -12,7 +12,8 @@
 //!
 //! Runs alternate (QEMU then ferry, ferry then QEMU, …); the raw push runs once per size
 //! per repetition. Then the convergence row (M = 4G, R = 1000 MB/s by default) and the
-//! out-of-the-box pair (QEMU with every default against `ferry migrate` with no flags).
+//! out-of-the-box pair (QEMU with every migration default against `ferry migrate` with no
+//! flags; QEMU's destination RAM still preallocated, so both destinations start alike).
 //! CPU is both sides' processes minus their vCPU threads ([`proc_cpu`]).
 
 use std::path::PathBuf;
