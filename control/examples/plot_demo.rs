@@ -220,6 +220,7 @@ fn synthesize(s: &Scenario) -> Timeline {
                 bandwidth_bytes_per_s: bandwidth,
                 predicted_downtime_ms: p.dirty_after / bandwidth * 1e3,
                 throttle_percent: p.throttle_percent,
+                ..RoundRecord::default()
             }
         })
         .collect();

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use ferry_dataplane::disk::{DirectIo, CHUNK_BYTES_MAX, QUEUE_DEPTH_MAX};
+use ferry_dataplane::engine::collect_pause::CollectPause;
 use ferry_dataplane::engine::{MigrationParams, TransportChoice, DISK_CHUNK_BYTES_MIN};
 use ferry_dataplane::guest::reference::{DiskPattern, DiskSpec, Pattern, VmSpec};
 use ferry_dataplane::transport::tcp::SendMode;
@@ -345,6 +346,11 @@ pub struct MigrationArgs {
     /// send when the kernel reports it copied anyway, as on loopback), zerocopy, copy.
     #[arg(long, default_value = "auto", value_name = "auto|zerocopy|copy")]
     pub send_mode: SendMode,
+    /// Whether the vCPUs stop while pre-copy collects the dirty set: auto (when collecting
+    /// under running vCPUs proved slow, as TLB shootdowns make it in VMs, and only while a
+    /// stop stays within a quarter of the downtime target), always, never.
+    #[arg(long, default_value = "auto", value_name = "auto|always|never")]
+    pub collect_pause: CollectPause,
     /// Write a timeline of the migration as an SVG: bytes/s per phase over time, the dirty
     /// set per round, the pause.
     #[arg(long, value_name = "PATH")]
@@ -368,6 +374,7 @@ impl MigrationArgs {
             disk_queue_depth: self.queue_depth,
             transport: self.transport,
             send_mode: self.send_mode,
+            collect_pause: self.collect_pause,
             ..MigrationParams::default()
         }
     }

@@ -8,7 +8,9 @@
 //!   mirroring), derived from the timeline's cumulative counters
 //!   ([`smoothed_rate_series`]), over the phases (a strip above the panel and a faint
 //!   shading inside), with the pre-copy round boundaries, the bandwidth each round
-//!   measured, and the pause as a red band with its length;
+//!   measured, the pause as a red band with its length, and each pre-copy collection taken
+//!   with the vCPUs stopped (`--collect-pause`) as a short red tick at the foot of its
+//!   round;
 //! - the bottom panel is the dirty set each pre-copy round left, one bar per round (on a
 //!   log scale when the values span more than 100×), with the vCPU throttle above a bar
 //!   and the pause predicted at the end of the round under it.
@@ -61,6 +63,9 @@ const BAR_LABEL_Y: f64 = DIRTY_BOTTOM + 14.0;
 const PREDICTED_Y: f64 = DIRTY_BOTTOM + 28.0;
 /// The pause is drawn at least this wide, however short it was.
 const PAUSE_WIDTH_MIN: f64 = 3.0;
+/// A collection stop's tick: this tall, at least this wide.
+const STOP_TICK_HEIGHT: f64 = 10.0;
+const STOP_TICK_WIDTH_MIN: f64 = 1.5;
 /// Most points one rate curve has (the smoothing window asks fewer of a short migration).
 const CURVE_POINTS_MAX: usize = 600;
 
@@ -355,8 +360,17 @@ fn subtitle(timeline: &Timeline, span_ms: f64) -> String {
         .map(|&lane| lane_total(timeline, lane))
         .fold(0u64, u64::saturating_add);
     let rounds = timeline.rounds.len();
+    let stops: Vec<f64> = collect_stops(timeline).map(|r| r.collect_ms).collect();
+    let stops = match stops.len() {
+        0 => String::new(),
+        n => format!(
+            " · {n} collection stop{}, longest {}",
+            if n == 1 { "" } else { "s" },
+            fmt_ms(stops.iter().copied().fold(0.0, f64::max)),
+        ),
+    };
     format!(
-        "total {} · {pause} · {} moved · {rounds} pre-copy round{}",
+        "total {} · {pause} · {} moved · {rounds} pre-copy round{}{stops}",
         fmt_ms(total_ms),
         fmt_bytes(moved as f64),
         if rounds == 1 { "" } else { "s" },
@@ -391,6 +405,16 @@ fn legend(svg: &mut Svg, timeline: &Timeline, curves: &[(Lane, Vec<(f64, f64)>)]
         x += 15.0;
         item(svg, &mut x, "pause (vCPUs stopped)");
     }
+    if collect_stops(timeline).next().is_some() {
+        svg.rect(x + 4.0, y - 8.0, 2.0, 8.0, PAUSE, "");
+        x += 15.0;
+        item(svg, &mut x, "vCPUs stopped to collect");
+    }
+}
+
+/// The pre-copy rounds whose closing collection stopped the vCPUs.
+fn collect_stops(timeline: &Timeline) -> impl Iterator<Item = &RoundRecord> {
+    timeline.rounds.iter().filter(|r| r.collect_paused)
 }
 
 /// The top panel: throughput over time.
@@ -454,6 +478,7 @@ impl<'a> RatePanel<'a> {
         self.axes(svg);
         self.rounds(svg);
         self.curves(svg);
+        self.collect_stops(svg);
         self.pause(svg);
         svg.frame(LEFT, RATE_TOP, RIGHT - LEFT, RATE_BOTTOM - RATE_TOP, FRAME);
         if self.timeline.samples.len() < 2 {
@@ -631,6 +656,30 @@ impl<'a> RatePanel<'a> {
             svg.polygon(&area, lane.color(), 0.12, &format!("rate-area {class}"));
             let stroke = Stroke::new(lane.color(), 1.6);
             svg.polyline(&points, stroke, &format!("rate {class}"));
+        }
+    }
+
+    /// Each collection taken with the vCPUs stopped: a red tick at the foot of the panel,
+    /// over the last `collect_ms` of its round (the collection closes the round).
+    fn collect_stops(&self, svg: &mut Svg) {
+        for r in collect_stops(self.timeline) {
+            if !r.end_ms.is_finite() {
+                continue;
+            }
+            let x1 = self.time.map(r.end_ms);
+            let x0 = self
+                .time
+                .map(r.end_ms - r.collect_ms.max(0.0))
+                .min(x1 - STOP_TICK_WIDTH_MIN)
+                .max(LEFT);
+            svg.rect(
+                x0,
+                RATE_BOTTOM - STOP_TICK_HEIGHT,
+                x1 - x0,
+                STOP_TICK_HEIGHT,
+                PAUSE,
+                "class=\"collect-stop\"",
+            );
         }
     }
 

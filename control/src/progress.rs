@@ -190,7 +190,7 @@ fn describe_disk_progress(disk: &DiskProgress) -> String {
 pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "migrated {vm} to {to}");
-    let rows: [(&str, String); 12] = [
+    let rows: [(&str, String); 13] = [
         ("total time", format_ms(report.total_ms)),
         ("downtime", format_ms(report.downtime_ms)),
         (
@@ -256,17 +256,18 @@ pub fn render_report(vm: &str, to: &str, report: &MigrationReport) -> String {
         (
             "trace",
             format!(
-                "{} (source: tracking armed, pages hashed, {})",
+                "{} (source: arming the dirty tracker{})",
                 format_ms(report.trace_ms),
                 // With disks the trace follows their bulk copy, so that memory tracking
                 // starts when memory pre-copy does.
                 if report.disks.is_empty() {
-                    "during the pre-fault"
+                    ""
                 } else {
-                    "after the disk copy"
+                    ", after the disk copy"
                 }
             ),
         ),
+        ("collections", collections_row(report)),
     ];
     for (label, value) in rows {
         let _ = writeln!(out, "  {label:<13} {value}");
@@ -330,6 +331,19 @@ fn render_disk_report(out: &mut String, index: usize, disk: &DiskReport) {
         let label = if i == 0 { label.as_str() } else { "" };
         let _ = writeln!(out, "  {label:<13} {line}");
     }
+}
+
+/// How the pre-copy collections treated the vCPUs (`--collect-pause`).
+fn collections_row(report: &MigrationReport) -> String {
+    if report.collect_pauses == 0 {
+        return "the vCPUs ran through every pre-copy collection".to_string();
+    }
+    format!(
+        "{} with the vCPUs stopped for them: longest {}, {} in all",
+        report.collect_pauses,
+        format_ms(report.collect_pause_ms_max),
+        format_ms(report.collect_pause_ms_total),
+    )
 }
 
 #[cfg(test)]

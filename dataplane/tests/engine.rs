@@ -5,18 +5,20 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_dataplane::engine::collect_pause::CollectPause;
 use ferry_dataplane::engine::{EngineError, MigrationParams};
 use ferry_dataplane::guest::reference::Pattern;
 use ferry_dataplane::guest::Guest;
+use ferry_dataplane::hash::xxh3_64;
 use ferry_dataplane::memory::{DirtyBitmap, DirtyTracker, GuestMemory};
 use ferry_dataplane::transport::TransportError;
 use ferry_dataplane::wire::Frame;
 use support::{
-    assert_failed_back, boot_pair, identity, kernel_tracker, migrate, spec, steps_increase,
-    HookedTracker, HookedTransport,
+    assert_failed_back, boot_pair, identity, kernel_tracker, migrate, migrate_plainly, spec,
+    steps_increase, HookedTracker, HookedTransport,
 };
 
 #[test]
@@ -29,15 +31,7 @@ fn busy_vm_moves_and_verifies_on_the_destination() {
             streams: 3,
             ..Default::default()
         };
-        let outcome = migrate(
-            &vm,
-            &incoming,
-            params,
-            &mut tracker,
-            identity,
-            |_| {},
-            &AtomicBool::new(false),
-        );
+        let outcome = migrate_plainly(&vm, &incoming, params, &mut tracker);
         let report = outcome.source.expect("migration succeeds");
         let incoming_report = outcome.destination.expect("destination resumes");
         assert!(
@@ -119,15 +113,7 @@ fn a_tracker_that_drops_one_collection_is_caught() {
             set
         }
     });
-    let outcome = migrate(
-        &vm,
-        &incoming,
-        params,
-        &mut tracker,
-        identity,
-        |_| {},
-        &AtomicBool::new(false),
-    );
+    let outcome = migrate_plainly(&vm, &incoming, params, &mut tracker);
     assert!(
         dropped.load(Ordering::SeqCst) > 0,
         "the dropped collection was empty"
@@ -470,15 +456,7 @@ fn a_guest_that_outruns_the_link_is_throttled_and_still_moves_intact() {
         bandwidth_max_bytes_per_s: Some(60 << 20),
         ..Default::default()
     };
-    let outcome = migrate(
-        &vm,
-        &incoming,
-        params,
-        &mut tracker,
-        identity,
-        |_| {},
-        &AtomicBool::new(false),
-    );
+    let outcome = migrate_plainly(&vm, &incoming, params, &mut tracker);
     let report = outcome.source.expect("migration succeeds");
     assert!(
         report.throttle_percent_max >= 20,
@@ -490,4 +468,92 @@ fn a_guest_that_outruns_the_link_is_throttled_and_still_moves_intact() {
     // The destination runs at full speed: the throttle stays with the source.
     assert_eq!(incoming.status().throttle_percent, 0);
     steps_increase(&incoming);
+}
+
+#[test]
+fn collections_with_the_vcpus_stopped_see_still_memory_and_the_vm_moves_intact() {
+    for mode in [CollectPause::Always, CollectPause::Never] {
+        let (vm, incoming) = boot_pair(spec("collect-pause", 64, 100, Pattern::Uniform));
+        std::thread::sleep(Duration::from_millis(50));
+        let memory = Arc::clone(vm.memory());
+        // Per collection: whether guest memory changed while it ran.
+        let changed = Arc::new(Mutex::new(Vec::new()));
+        let mut tracker = HookedTracker::new(kernel_tracker(&vm)).on_collect({
+            let changed = Arc::clone(&changed);
+            move |set| {
+                let before = xxh3_64(memory.pages_slice(0, memory.pages()));
+                std::thread::sleep(Duration::from_millis(30));
+                let after = xxh3_64(memory.pages_slice(0, memory.pages()));
+                changed.lock().unwrap().push(before != after);
+                set
+            }
+        });
+        let params = MigrationParams {
+            streams: 2,
+            collect_pause: mode,
+            ..Default::default()
+        };
+        let outcome = migrate_plainly(&vm, &incoming, params, &mut tracker);
+        let report = outcome.source.expect("migration succeeds");
+        let incoming_report = outcome.destination.expect("destination resumes");
+        assert_eq!(report.memory_digest, incoming_report.memory_digest);
+        let verify = incoming.verify().unwrap();
+        assert!(verify.ok, "{mode}: {verify:?}");
+        let rounds = &report.timeline.rounds;
+        let changed = changed.lock().unwrap().clone();
+        assert_eq!(
+            changed.len(),
+            rounds.len() + 1,
+            "one collection per pre-copy round, then the pause's"
+        );
+        assert!(
+            !changed[rounds.len()],
+            "the pause's collection sees still memory"
+        );
+        let precopy = &changed[..rounds.len()];
+        match mode {
+            CollectPause::Always => {
+                assert_eq!(report.collect_pauses as usize, rounds.len(), "{report:?}");
+                assert!(
+                    rounds
+                        .iter()
+                        .all(|r| r.collect_paused && r.collect_ms >= 30.0),
+                    "{rounds:?}"
+                );
+                assert!(
+                    precopy.iter().all(|c| !c),
+                    "memory changed while the vCPUs were stopped: {precopy:?}"
+                );
+                assert!(report.collect_pause_ms_max >= 30.0);
+                assert!(report.collect_pause_ms_total >= report.collect_pause_ms_max);
+            }
+            _ => {
+                assert_eq!(report.collect_pauses, 0, "{report:?}");
+                assert!(rounds.iter().all(|r| !r.collect_paused), "{rounds:?}");
+                assert!(
+                    precopy.iter().all(|c| *c),
+                    "the vCPUs did not run through a collection: {precopy:?}"
+                );
+            }
+        }
+        steps_increase(&incoming);
+    }
+}
+
+#[test]
+fn a_collection_failing_with_the_vcpus_stopped_fails_back_with_them_running() {
+    let (vm, incoming) = boot_pair(spec("collect-fail", 32, 100, Pattern::Uniform));
+    let mut tracker = HookedTracker::new(kernel_tracker(&vm)).fail_collect_at(1);
+    let params = MigrationParams {
+        streams: 2,
+        collect_pause: CollectPause::Always,
+        ..Default::default()
+    };
+    let outcome = migrate_plainly(&vm, &incoming, params, &mut tracker);
+    assert!(
+        matches!(outcome.source, Err(EngineError::Tracker(_))),
+        "{:?}",
+        outcome.source
+    );
+    assert_failed_back(&vm, &outcome);
 }

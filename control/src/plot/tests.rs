@@ -26,6 +26,7 @@ fn round(n: u32, start_ms: f64, end_ms: f64, dirty_mib: u64, throttle: u8) -> Ro
         bandwidth_bytes_per_s: 2.0 * GIB,
         predicted_downtime_ms: dirty_mib as f64 / 2048.0 * 1e3,
         throttle_percent: throttle,
+        ..RoundRecord::default()
     }
 }
 
@@ -157,6 +158,43 @@ fn renders_a_synthetic_migration() {
     }
     let phases = texts(&doc, "phase-label");
     assert_eq!(phases, vec!["disk-copy", "pre-copy", "switch-over"]);
+}
+
+#[test]
+fn collections_with_the_vcpus_stopped_are_marked() {
+    let mut timeline = synthetic();
+    let plain = render_svg(&timeline, "t");
+    assert!(with_class(&parse(&plain), "rect", "collect-stop").is_empty());
+    // Rounds 1 and 2 closed with a stopped collection of 2.5 and 3.2 ms.
+    for (r, ms) in [(1usize, 2.5), (2, 3.2)] {
+        timeline.rounds[r].collect_paused = true;
+        timeline.rounds[r].collect_ms = ms;
+    }
+    timeline.rounds[3].collect_ms = 40.0; // ran under the vCPUs: not marked
+    let marked = render_svg(&timeline, "t");
+    let doc = parse(&marked);
+    let ticks = with_class(&doc, "rect", "collect-stop");
+    assert_eq!(ticks.len(), 2);
+    for (tick, r) in ticks.iter().zip([1usize, 2]) {
+        // Visible, and ending at its round's end.
+        assert!(attr(tick, "width") >= STOP_TICK_WIDTH_MIN);
+        let end = attr(tick, "x") + attr(tick, "width");
+        let expected = LEFT + timeline.rounds[r].end_ms / span_ms(&timeline) * (RIGHT - LEFT);
+        assert!((end - expected).abs() < 0.5, "{end} vs {expected}");
+    }
+    let subtitle = &texts(&doc, "subtitle")[0];
+    assert!(
+        subtitle.contains("2 collection stops, longest 3.2 ms"),
+        "{subtitle}"
+    );
+    assert!(svg_text(&doc).contains("vCPUs stopped to collect"));
+}
+
+fn svg_text(doc: &roxmltree::Document) -> String {
+    doc.descendants()
+        .filter_map(|n| n.text())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -490,6 +528,7 @@ fn round_record() -> impl Strategy<Value = RoundRecord> {
                 bandwidth_bytes_per_s: bw,
                 predicted_downtime_ms: predicted,
                 throttle_percent: throttle,
+                ..RoundRecord::default()
             },
         )
 }

@@ -15,6 +15,7 @@ use crate::transport::TransportError;
 use crate::wire::WireError;
 
 pub mod barrier;
+pub mod collect_pause;
 pub mod convergence;
 pub mod destination;
 mod disk_copy;
@@ -80,6 +81,10 @@ pub struct MigrationParams {
     /// the copy, plain send elsewhere), zerocopy, copy.
     #[serde(default)]
     pub send_mode: crate::transport::tcp::SendMode,
+    /// Whether the vCPUs stop while pre-copy collects the dirty set (see
+    /// [`collect_pause`]): auto, always, never.
+    #[serde(default)]
+    pub collect_pause: collect_pause::CollectPause,
 }
 
 /// `--transport auto|rdma|tcp`.
@@ -150,6 +155,7 @@ impl Default for MigrationParams {
             keep_source_disks: false,
             transport: TransportChoice::Auto,
             send_mode: crate::transport::tcp::SendMode::Auto,
+            collect_pause: collect_pause::CollectPause::Auto,
         }
     }
 }
@@ -328,6 +334,14 @@ pub struct MigrationReport {
     pub trace_ms: f64,
     /// Highest vCPU throttle applied.
     pub throttle_percent_max: u8,
+    /// Pre-copy collections taken with the vCPUs stopped (`--collect-pause`), the longest
+    /// such stop and their sum: what the guest stood still outside the pause.
+    #[serde(default)]
+    pub collect_pauses: u32,
+    #[serde(default)]
+    pub collect_pause_ms_max: f64,
+    #[serde(default)]
+    pub collect_pause_ms_total: f64,
     /// Why pre-copy stopped: "converged", "rounds-max", "timeout".
     pub converged: String,
     /// Pages in the final stop-and-copy.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::barrier::{FailBack, SourceAction, SourceInput, SourceOutcome, SourceSwap, SwapJournal};
+use super::collect_pause::CollectPolicy;
 use super::convergence::{predicted_downtime_ms, Convergence, Decision, RoundMeasurement};
 use super::disk_copy::DiskSession;
 use super::pacer::Pacer;
@@ -369,6 +370,8 @@ impl SourceRun<'_> {
         let precopy_started = Instant::now();
         let pacer = Pacer::new(self.params.bandwidth_max_bytes_per_s);
         let mut convergence = Convergence::default();
+        let mut collect_policy =
+            CollectPolicy::new(self.params.collect_pause, self.params.downtime_ms);
         let mut round = 0u32;
         let mut to_send = DirtyBitmap::full(pages as usize);
         // When the pages of the next collection began to be written: tracking's start, then
@@ -393,7 +396,8 @@ impl SourceRun<'_> {
             }
             // Collect (and re-arm) before deciding: these pages are what the next round, or
             // the switch-over, must send.
-            to_send = tracker.collect()?;
+            let collect = self.collect(guest, tracker, &mut collect_policy)?;
+            to_send = collect.dirty;
             let collected = Instant::now();
             let since_collect = collected.duration_since(last_collect);
             last_collect = collected;
@@ -421,6 +425,8 @@ impl SourceRun<'_> {
                 bandwidth_bytes_per_s: measurement.bandwidth_bytes_per_s,
                 predicted_downtime_ms: self.progress.predicted_downtime_ms,
                 throttle_percent: self.progress.throttle_percent,
+                collect_ms: collect.ms,
+                collect_paused: collect.paused,
             });
             info!(
                 round,
@@ -655,6 +661,51 @@ impl SourceRun<'_> {
         }
     }
 
+    /// One pre-copy collection, with the vCPUs stopped for it when the policy says so (see
+    /// [`collect_pause`](super::collect_pause)). A stopped guest runs again before any error
+    /// is returned.
+    fn collect(
+        &mut self,
+        guest: &dyn Guest,
+        tracker: &mut dyn DirtyTracker,
+        policy: &mut CollectPolicy,
+    ) -> Result<Collected, EngineError> {
+        let paused = policy.pause_next();
+        let began = Instant::now();
+        if paused {
+            if let Err(e) = guest.quiesce() {
+                let _ = guest.resume();
+                return Err(e.into());
+            }
+        }
+        let dirty = tracker.collect();
+        if paused {
+            guest.resume()?;
+        }
+        let dirty = dirty?;
+        let ms = began.elapsed().as_secs_f64() * 1000.0;
+        if paused {
+            self.report.collect_pauses += 1;
+            self.report.collect_pause_ms_max = self.report.collect_pause_ms_max.max(ms);
+            self.report.collect_pause_ms_total += ms;
+        }
+        if policy.record(paused, ms) {
+            info!(
+                collect_ms = ms,
+                stall_cap_ms = policy.stall_cap_ms(),
+                "collecting under running vCPUs is slow (TLB shootdowns): stopping them for each collection"
+            );
+        }
+        if paused && policy.given_up() {
+            warn!(
+                stall_ms = ms,
+                stall_cap_ms = policy.stall_cap_ms(),
+                "a collection with the vCPUs stopped outlasted a quarter of the downtime target: collecting under running vCPUs from now on"
+            );
+        }
+        Ok(Collected { dirty, ms, paused })
+    }
+
     /// Sends one round; if it fails, the round's pages go back to the tracker.
     fn send_round_or_put_back(
         &mut self,
@@ -812,6 +863,13 @@ impl SourceRun<'_> {
         self.emit(progress);
         Ok(RoundSent { bytes, elapsed })
     }
+}
+
+/// A pre-copy collection's dirty set, how long it took and whether the vCPUs stood for it.
+struct Collected {
+    dirty: DirtyBitmap,
+    ms: f64,
+    paused: bool,
 }
 
 /// The timeline's view of a progress snapshot, with `memory_bytes` on the wire so far.

@@ -52,6 +52,12 @@ pub struct RoundRecord {
     pub predicted_downtime_ms: f64,
     /// vCPU throttle applied during the round.
     pub throttle_percent: u8,
+    /// The collection that ended the round: how long it took, and whether the vCPUs were
+    /// stopped for it.
+    #[serde(default)]
+    pub collect_ms: f64,
+    #[serde(default)]
+    pub collect_paused: bool,
 }
 
 /// The pause: quiesce on the source to the destination's resume (as acknowledged).

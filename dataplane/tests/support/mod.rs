@@ -223,6 +223,24 @@ pub fn migrate(
     migrate_with(vm, incoming, params, tracker, hooks, cancel)
 }
 
+/// [`migrate`] with no transport wrapper, no hook on the link and no cancel.
+pub fn migrate_plainly(
+    vm: &ReferenceVm,
+    incoming: &ReferenceVm,
+    params: MigrationParams,
+    tracker: &mut dyn DirtyTracker,
+) -> Outcome {
+    migrate(
+        vm,
+        incoming,
+        params,
+        tracker,
+        identity,
+        |_| {},
+        &AtomicBool::new(false),
+    )
+}
+
 /// [`migrate`] with every hook, and with disk links when the VM has disks (the source then
 /// traces after the bulk copy, as the agent does).
 pub fn migrate_with(
@@ -417,6 +435,9 @@ pub struct HookedTracker<T> {
     inner: T,
     on_collect: Box<dyn FnMut(DirtyBitmap) -> DirtyBitmap + Send>,
     on_put_back: Box<dyn FnMut(&DirtyBitmap) + Send>,
+    /// Collections so far, and the one (1-based) that fails instead.
+    collects: u32,
+    fail_collect: Option<u32>,
 }
 
 impl<T: DirtyTracker> HookedTracker<T> {
@@ -425,7 +446,16 @@ impl<T: DirtyTracker> HookedTracker<T> {
             inner,
             on_collect: Box::new(|set| set),
             on_put_back: Box::new(|_| {}),
+            collects: 0,
+            fail_collect: None,
         }
+    }
+
+    /// Collection number `n` (1-based) fails after the real one ran, as a scan that died
+    /// half-way would.
+    pub fn fail_collect_at(mut self, n: u32) -> Self {
+        self.fail_collect = Some(n);
+        self
     }
 
     /// Sees (and may replace) every collected set.
@@ -452,7 +482,14 @@ impl<T: DirtyTracker> DirtyTracker for HookedTracker<T> {
         self.inner.start_deferred()
     }
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
+        self.collects += 1;
         let set = self.inner.collect()?;
+        if self.fail_collect == Some(self.collects) {
+            return Err(TrackerError::Syscall {
+                op: "PAGEMAP_SCAN",
+                source: std::io::Error::other("injected by the test"),
+            });
+        }
         Ok((self.on_collect)(set))
     }
     fn put_back(&mut self, pages: &DirtyBitmap) {
