@@ -360,13 +360,14 @@ fn subtitle(timeline: &Timeline, span_ms: f64) -> String {
         .map(|&lane| lane_total(timeline, lane))
         .fold(0u64, u64::saturating_add);
     let rounds = timeline.rounds.len();
-    let stops: Vec<f64> = collect_stops(timeline).map(|r| r.collect_ms).collect();
-    let stops = match stops.len() {
+    let (count, longest) =
+        collect_stops(timeline).fold((0usize, 0.0f64), |(n, ms), r| (n + 1, ms.max(r.collect_ms)));
+    let stops = match count {
         0 => String::new(),
         n => format!(
             " · {n} collection stop{}, longest {}",
             if n == 1 { "" } else { "s" },
-            fmt_ms(stops.iter().copied().fold(0.0, f64::max)),
+            fmt_ms(longest),
         ),
     };
     format!(

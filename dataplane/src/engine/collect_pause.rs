@@ -112,7 +112,8 @@ impl CollectPolicy {
     pub fn record(&mut self, paused: bool, ms: f64) -> bool {
         let was = self.pause_next();
         if paused {
-            if ms > self.stall_cap_ms {
+            // Only `auto` weighs a stop against the cap: `always` was asked for.
+            if self.mode == CollectPause::Auto && ms > self.stall_cap_ms {
                 self.given_up = true;
             }
         } else {
@@ -121,7 +122,8 @@ impl CollectPolicy {
         !was && self.pause_next()
     }
 
-    /// Whether `auto` stopped stopping because a stop outlasted the cap.
+    /// Whether `auto` stopped stopping because a stop outlasted the cap (never for
+    /// `always` or `never`).
     pub fn given_up(&self) -> bool {
         self.given_up
     }
